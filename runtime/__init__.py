@@ -1,0 +1,19 @@
+"""Torch-free runtime: package loading, schedules, the sampling loop, images, CLI.
+
+``Pipeline`` and ``GenerationResult`` are imported on first use, so importing a
+submodule (``artrt.runtime.errors``) stays cheap.
+"""
+
+from typing import Any
+
+from .errors import ArtrtError, ConfigError, EngineError, InputError, PackageError
+
+__all__ = ["ArtrtError", "ConfigError", "EngineError", "GenerationResult", "InputError", "PackageError", "Pipeline"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Pipeline", "GenerationResult"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'artrt.runtime' has no attribute {name!r}")

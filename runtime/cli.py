@@ -1,0 +1,187 @@
+"""``artrt`` command line: export, generate, info.
+
+Arguments are parsed once here into plain values. Errors a user can cause end with
+one ``artrt: error: ...`` line on stderr and exit status 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ArtrtError, InputError
+
+log = logging.getLogger("artrt")
+
+SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export diffusers folders to an artrt package (ONNX + tokenizers + artrt.json)",
+        description="Export two experts, their text encoder(s) and the VAE decoder of local diffusers "
+        "folders to ONNX, check every graph against PyTorch and write a package directory. "
+        "Needs the 'export' extra (torch, diffusers, transformers).",
+    )
+    p.add_argument("--base", required=True, type=Path, help="diffusers pipeline folder (composition expert)")
+    second = p.add_mutually_exclusive_group(required=True)
+    second.add_argument("--refiner", type=Path, help="SDXL refiner pipeline folder (detail expert)")
+    second.add_argument("--detail-unet", type=Path, help="UNet folder with the base UNet's config (detail expert)")
+    p.add_argument("--out", required=True, type=Path, help="package directory to write")
+    p.add_argument("--switch", type=float, default=0.8, help="default fraction of the schedule run by the "
+                   "composition expert (diffusers' denoising_end); default 0.8")
+    p.add_argument("--steps", type=int, default=30, help="default number of steps recorded (default 30)")
+    p.add_argument("--guidance", type=float, default=5.0, help="default guidance scale recorded (default 5.0)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate images from a prompt",
+        description="Generate images with a package. Unset options take the package defaults "
+        "(see 'artrt info'). Images are PNG with the parameters in a 'parameters' text chunk.",
+    )
+    p.add_argument("prompt")
+    p.add_argument("--model", "-m", required=True, type=Path, help="package directory")
+    p.add_argument("--output", "-o", type=Path, default=Path("out.png"),
+                   help="output PNG (default out.png); with --num-images N: out.png, out-1.png, ...")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
+    p.add_argument("--steps", type=int, help="sampling steps")
+    p.add_argument("--guidance", type=float, nargs="+", metavar="G",
+                   help="classifier-free guidance: one value, or one per expert")
+    p.add_argument("--switch", type=float,
+                   help="fraction of the schedule run by the composition expert, in [0, 1]")
+    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--height", type=int, help="image height in pixels")
+    p.add_argument("--width", type=int, help="image width in pixels")
+    p.add_argument("--num-images", "-n", type=int, default=1, help="images per prompt, run as one batch")
+    _add_runtime_options(p)
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", help="auto (default) or ort-cpu")
+    p.add_argument("--threads", type=int, help="CPU threads per engine (default: one per core)")
+    p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the package files")
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a package", description="Validate a package and print "
+                       "its components, experts, defaults and export checks.")
+    p.add_argument("model", type=Path, help="package directory")
+    p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the package files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import artrt
+
+    parser = argparse.ArgumentParser(
+        prog="artrt",
+        description="Lean runtime for two-expert text-to-image diffusion models: a composition expert "
+        "for high noise, a detail expert for low noise, switched mid-sampling.",
+    )
+    parser.add_argument("--version", action="version", version=f"artrt {artrt.__version__}")
+    parser.add_argument("--quiet", "-q", action="store_true", help="only print errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_export(sub)
+    _add_generate(sub)
+    _add_info(sub)
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> None:
+    try:
+        from artrt.export import export_package, load_same_arch, load_sdxl_ensemble
+    except ImportError as exc:
+        raise InputError(f"export needs the 'export' extra (pip install 'artrt[export]'): {exc}") from None
+    for folder in (args.base, args.refiner, args.detail_unet):
+        if folder is not None and not folder.is_dir():
+            raise InputError(f"folder not found: {folder}")
+    if args.refiner is not None:
+        sources = load_sdxl_ensemble(args.base, args.refiner)
+    else:
+        sources = load_same_arch(args.base, args.detail_unet)
+    export_package(sources, args.out, switch=args.switch, steps=args.steps, guidance=args.guidance,
+                   overwrite=args.overwrite)
+
+
+def _check_output(path: Path) -> None:
+    if path.suffix.lower() != ".png":
+        raise InputError(f"output {path} must end in .png")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write {path}: directory {parent} is not writable")
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from .pipeline import Pipeline
+
+    _check_output(args.output)
+    guidance = args.guidance[0] if args.guidance and len(args.guidance) == 1 else args.guidance
+    with Pipeline.load(args.model, backend=args.backend, threads=args.threads,
+                       verify_hashes=not args.no_verify) as pipe:
+        result = pipe.generate(
+            args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=guidance,
+            switch=args.switch, sampler=args.sampler, seed=args.seed, height=args.height,
+            width=args.width, num_images=args.num_images,
+        )
+    for path in result.save(args.output):
+        log.info("wrote %s", path)
+    log.info("timings (s): %s", ", ".join(f"{k} {v:.3f}" for k, v in result.timings.items()))
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from .package import read_manifest
+
+    m = read_manifest(args.model, verify_hashes=not args.no_verify)
+    d = m.defaults
+    lines = [
+        f"package   {args.model}  (family {m.family}, artrt {m.artrt_version})",
+        f"defaults  steps {d.steps}, guidance {d.guidance}, switch {d.switch}, sampler {d.sampler}, "
+        f"size {d.width}x{d.height} (multiple of {m.size_multiple})",
+        f"schedule  {m.schedule}",
+        "experts:",
+    ]
+    lines += [f"  {e.name:<12} {e.component}  text: {', '.join(e.conditioning.text_encoders)}"
+              f"  time ids: {e.conditioning.time_ids}" for e in m.experts]
+    lines.append("components:")
+    sizes = {f.path: f.size for f in m.files}
+    for c in m.components.values():
+        check = ", ".join(f"{k} {v:.1e}" for k, v in c.export_check.items())
+        lines.append(f"  {c.name:<24} {c.kind:<13} {sizes.get(c.onnx, 0) / 1e6:9.1f} MB  "
+                     f"max |ONNX - PyTorch|: {check or 'n/a'}")
+        for t in (*c.inputs, *c.outputs):
+            lines.append(f"      {t.name:<22} {t.dtype:<8} {list(t.shape)}")
+    lines.append(f"files     {len(m.files)}, {sum(sizes.values()) / 1e6:.1f} MB, "
+                 f"{'sha256 verified' if not args.no_verify else 'sizes checked'}")
+    print("\n".join(lines))
+
+
+COMMANDS = {"export": run_export, "generate": run_generate, "info": run_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="artrt: %(message)s", stream=sys.stderr)
+    try:
+        COMMANDS[args.command](args)
+    except ArtrtError as exc:
+        print(f"artrt: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("artrt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

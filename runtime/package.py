@@ -1,0 +1,274 @@
+"""The package format: a directory with ``artrt.json`` and the files it names.
+
+Reading validates everything a user could have broken (missing or edited files, paths
+that leave the directory, unknown format versions) and raises :class:`PackageError`
+with a message naming the file. Writing is torch-free too, so tools can rewrite a
+manifest (e.g. to record built engines) without the export extra.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PackageError
+
+MANIFEST_NAME = "artrt.json"
+FORMAT_NAME = "artrt-package"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, dtype and shape of one graph input or output (str dims are symbolic)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class Component:
+    """One ONNX graph of the package: a text encoder, an expert step or the decoder."""
+
+    name: str
+    kind: str  # "text_encoder" | "fused_step" | "vae_decoder"
+    onnx: str  # path relative to the package
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    tokenizer: str | None = None  # text encoders: key into Manifest.tokenizers
+    export_check: dict[str, float] = field(default_factory=dict)  # output -> max abs error
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """A ``tokenizers`` JSON file plus the padding the text encoder was trained with."""
+
+    file: str
+    max_length: int
+    pad_id: int
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How an expert's cross-attention and added conditioning are built from text.
+
+    ``text_encoders`` hidden states are concatenated on the last axis in this order;
+    ``pooled`` names the encoder whose pooled output feeds ``text_embeds``;
+    ``time_ids`` is ``"size"`` (SDXL: original size, crop, target size),
+    ``"aesthetic"`` (SDXL refiner: original size, crop, aesthetic score) or None.
+    """
+
+    text_encoders: tuple[str, ...]
+    pooled: str | None = None
+    time_ids: str | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    zero_negative_when_empty: bool = False
+
+
+@dataclass(frozen=True)
+class Expert:
+    """A denoiser responsible for part of the noise range (composition or detail)."""
+
+    name: str
+    component: str
+    conditioning: Conditioning
+
+
+@dataclass(frozen=True)
+class Defaults:
+    steps: int
+    guidance: float
+    switch: float
+    sampler: str
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed ``artrt.json``. ``decoder`` is None for pixel-space models."""
+
+    family: str
+    components: dict[str, Component]
+    tokenizers: dict[str, TokenizerInfo]
+    schedule: dict[str, Any]
+    experts: tuple[Expert, ...]
+    defaults: Defaults
+    latent_channels: int
+    latent_scale: int  # image pixels per latent pixel
+    size_multiple: int  # height and width must be multiples of this
+    decoder: str | None
+    files: tuple[FileRecord, ...]
+    engines: tuple[dict[str, Any], ...] = ()
+    source: dict[str, Any] = field(default_factory=dict)
+    artrt_version: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **data}
+        return data
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(root: Path, relative: str) -> FileRecord:
+    path = root / relative
+    return FileRecord(relative, sha256_file(path), path.stat().st_size)
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    """Write ``artrt.json`` atomically (temporary file + rename)."""
+    path = Path(root) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(root: str | Path, verify_hashes: bool = True) -> Manifest:
+    """Read and validate a package directory's manifest.
+
+    Checks the format version, that every listed file stays inside the package and
+    exists with the recorded size (and sha256 when ``verify_hashes``), and that every
+    reference between sections resolves.
+    """
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise PackageError(f"package directory not found: {root}")
+    if not path.is_file():
+        raise PackageError(f"{root} is not an artrt package: {MANIFEST_NAME} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackageError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        manifest = _parse(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
+    _check_references(manifest, path)
+    _check_files(root, manifest, verify_hashes)
+    return manifest
+
+
+def resolve(root: Path, relative: str) -> Path:
+    """Resolve a manifest path, refusing anything that leaves the package directory."""
+    if Path(relative).is_absolute():
+        raise PackageError(f"manifest path {relative!r} is absolute; package paths are relative")
+    root_resolved = root.resolve()
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root_resolved):
+        raise PackageError(f"manifest path {relative!r} points outside the package {root}")
+    return target
+
+
+def _parse(data: dict[str, Any]) -> Manifest:
+    if data.get("format") != FORMAT_NAME:
+        raise ValueError(f"'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"format_version {data.get('format_version')!r} is not supported "
+            f"(this artrt reads version {FORMAT_VERSION}); re-export the package"
+        )
+    components = {name: _component(c) for name, c in data["components"].items()}
+    return Manifest(
+        family=str(data["family"]),
+        components=components,
+        tokenizers={k: TokenizerInfo(**v) for k, v in data["tokenizers"].items()},
+        schedule=dict(data["schedule"]),
+        experts=tuple(
+            Expert(e["name"], e["component"], _conditioning(e["conditioning"]))
+            for e in data["experts"]
+        ),
+        defaults=Defaults(**data["defaults"]),
+        latent_channels=int(data["latent_channels"]),
+        latent_scale=int(data["latent_scale"]),
+        size_multiple=int(data["size_multiple"]),
+        decoder=data["decoder"],
+        files=tuple(FileRecord(**f) for f in data["files"]),
+        engines=tuple(data.get("engines", ())),
+        source=dict(data.get("source", {})),
+        artrt_version=str(data.get("artrt_version", "")),
+    )
+
+
+def _tensors(items: list[dict[str, Any]]) -> tuple[TensorInfo, ...]:
+    return tuple(TensorInfo(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
+
+
+def _component(c: dict[str, Any]) -> Component:
+    return Component(
+        name=c["name"],
+        kind=c["kind"],
+        onnx=c["onnx"],
+        inputs=_tensors(c["inputs"]),
+        outputs=_tensors(c["outputs"]),
+        tokenizer=c.get("tokenizer"),
+        export_check=dict(c.get("export_check", {})),
+    )
+
+
+def _conditioning(c: dict[str, Any]) -> Conditioning:
+    return Conditioning(**{**c, "text_encoders": tuple(c["text_encoders"])})
+
+
+def _check_references(m: Manifest, path: Path) -> None:
+    problems = []
+    listed = {f.path for f in m.files}
+    for comp in m.components.values():
+        if comp.onnx not in listed:
+            problems.append(f"component {comp.name!r} file {comp.onnx!r} is not in 'files'")
+        if comp.tokenizer is not None and comp.tokenizer not in m.tokenizers:
+            problems.append(f"component {comp.name!r} names unknown tokenizer {comp.tokenizer!r}")
+    for tok in m.tokenizers.values():
+        if tok.file not in listed:
+            problems.append(f"tokenizer file {tok.file!r} is not in 'files'")
+    for expert in m.experts:
+        names = (expert.component, *expert.conditioning.text_encoders, expert.conditioning.pooled)
+        problems += [
+            f"expert {expert.name!r} names unknown component {n!r}"
+            for n in names
+            if n is not None and n not in m.components
+        ]
+    if m.decoder is not None and m.decoder not in m.components:
+        problems.append(f"decoder {m.decoder!r} is not a component")
+    if len(m.experts) not in (1, 2):
+        problems.append(f"{len(m.experts)} experts listed; artrt runs one or two")
+    if problems:
+        raise PackageError(f"{path}: " + "; ".join(problems))
+
+
+def _check_files(root: Path, m: Manifest, verify_hashes: bool) -> None:
+    for record in m.files:
+        target = resolve(root, record.path)
+        if not target.is_file():
+            raise PackageError(f"package file missing: {record.path} (in {root})")
+        size = target.stat().st_size
+        if size != record.size:
+            raise PackageError(
+                f"package file {record.path} has {size} bytes, manifest says {record.size}: "
+                "the package is corrupt or was modified; re-export it"
+            )
+        if verify_hashes and sha256_file(target) != record.sha256:
+            raise PackageError(
+                f"package file {record.path} does not match its sha256 in {MANIFEST_NAME}: "
+                "the package is corrupt or was modified; re-export it"
+            )
