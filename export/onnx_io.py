@@ -84,6 +84,8 @@ def check_onnx(
 
     with torch.no_grad():
         reference = module(*inputs.values())
+    if isinstance(reference, torch.Tensor):
+        reference = (reference,)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {name: t.numpy() for name, t in inputs.items()}
     got = session.run(list(outputs), feeds)

@@ -82,7 +82,7 @@ def _load_text_encoder(folder: Path, sub: str, tok_sub: str, name: str, hidden_l
     cls_name = _model_index(folder)[sub][1]
     if cls_name not in classes:
         raise ConfigError(f"{folder}/{sub}: text encoder class {cls_name} is not supported")
-    model = classes[cls_name].from_pretrained(folder / sub, torch_dtype=torch.float32).eval()
+    model = classes[cls_name].from_pretrained(folder / sub).float().eval()
     tokenizer = AutoTokenizer.from_pretrained(folder / tok_sub, use_fast=True)
     pooled = cls_name == "CLIPTextModelWithProjection"
     return TextEncoderSource(name, model, tokenizer, hidden_layer, pooled)
@@ -93,13 +93,13 @@ def _load_unet(folder: Path) -> torch.nn.Module:
 
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder} is not a diffusers UNet folder (no config.json)")
-    return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    return UNet2DConditionModel.from_pretrained(folder).float().eval()
 
 
 def _load_vae(folder: Path) -> tuple[torch.nn.Module, int]:
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
     return vae, 2 ** (len(vae.config.block_out_channels) - 1)
 
 

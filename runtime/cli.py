@@ -168,10 +168,20 @@ def run_info(args: argparse.Namespace) -> None:
 COMMANDS = {"export": run_export, "generate": run_generate, "info": run_info}
 
 
+def _configure_logging(quiet: bool) -> None:
+    """Progress to stderr as ``artrt: message`` lines (only warnings with --quiet)."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("artrt: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="artrt: %(message)s", stream=sys.stderr)
+    _configure_logging(args.quiet)
     try:
         COMMANDS[args.command](args)
     except ArtrtError as exc:

@@ -112,9 +112,9 @@ class Pipeline:
         started = time.perf_counter()
         d = self.manifest.defaults
         args = _Arguments.check(
-            self.manifest, prompt, steps or d.steps, guidance if guidance is not None else d.guidance,
-            d.switch if switch is None else switch, sampler or d.sampler, seed,
-            height or d.height, width or d.width, num_images,
+            self.manifest, prompt, _default(steps, d.steps), _default(guidance, d.guidance),
+            _default(switch, d.switch), _default(sampler, d.sampler), seed,
+            _default(height, d.height), _default(width, d.width), num_images,
         )
         timings: dict[str, float] = {}
         encoded = self._encode([negative_prompt, prompt], timings)
@@ -168,6 +168,10 @@ class Pipeline:
         if self._buffers is None or self._buffers.shape != shape:
             self._buffers = LoopBuffers(shape)
         return self._buffers
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _initial_latents(latents: np.ndarray | None, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

@@ -54,7 +54,7 @@ def test_info(capsys, sdxl_package):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--height", "36"], "multiple of"),
+        (["--height", "34"], "multiple of"),
         (["--width", "30"], "multiple of"),
         (["--steps", "0"], "steps must be"),
         (["--switch", "1.5"], "switch must be in [0, 1]"),
@@ -90,8 +90,8 @@ def test_corrupt_package(capsys, package_copy, tmp_path):
 def test_manifest_pointing_outside(capsys, package_copy, tmp_path):
     path = package_copy / "artrt.json"
     data = json.loads(path.read_text())
-    data["tokenizers"]["text_encoder"]["file"] = "../../etc/passwd"
-    data["files"][0]["path"] = "../../etc/passwd"
+    record = next(f for f in data["files"] if f["path"] == data["tokenizers"]["text_encoder"]["file"])
+    data["tokenizers"]["text_encoder"]["file"] = record["path"] = "../../etc/passwd"
     path.write_text(json.dumps(data))
     code, _, err = _run(capsys, "info", package_copy)
     _assert_one_line_error(code, err, "outside the package")
