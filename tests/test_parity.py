@@ -1,7 +1,9 @@
 """End-to-end parity with diffusers (the oracle) on random tiny models, ORT CPU.
 
-Same latents, prompt, steps, guidance and scheduler on both sides; the images must
-agree to PSNR >= 40 dB.
+Same latents, prompt, steps, guidance and scheduler on both sides. The acceptance bar
+is PSNR >= 40 dB, but on these tiny random models a wrong switch point can still reach
+~40 dB (see the control test), so parity is held to MIN_PSNR instead; measured values are
+80 dB to inf (identical 8-bit images).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from conftest import psnr
 
 SCHEDULERS = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
 PROMPT = "a lighthouse at dusk"
+MIN_PSNR = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,7 @@ def test_sdxl_ensemble_matches_diffusers(diffusers_pair, sdxl_pipe, sampler, swi
     assert ours.shape == reference.shape
     value = psnr(ours, _to_uint8(reference))
     print(f"PSNR {value:.1f} dB")
-    assert value >= 40.0
+    assert value >= MIN_PSNR
 
 
 @pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m"])
@@ -93,7 +96,7 @@ def test_single_expert_matches_diffusers(diffusers_pair, sdxl_pipe, sampler):
     ours = _ours(sdxl_pipe, latents, steps=12, guidance=4.0, switch=1.0, sampler=sampler)
     value = psnr(ours, _to_uint8(reference))
     print(f"PSNR {value:.1f} dB")
-    assert value >= 40.0
+    assert value >= MIN_PSNR
 
 
 def test_dpm_history_is_reset_at_the_switch(diffusers_pair, sdxl_pipe):
@@ -127,7 +130,7 @@ def test_same_arch_experts_match_reference_loop(models_dir, same_arch_package, s
         ours = _ours(pipe, latents, steps=steps, guidance=guidance, switch=switch, sampler=sampler)
     value = psnr(ours, _to_uint8(reference))
     print(f"PSNR {value:.1f} dB")
-    assert value >= 40.0
+    assert value >= MIN_PSNR
 
 
 @torch.no_grad()
@@ -155,3 +158,16 @@ def _reference_loop(base, detail, latents, steps, guidance, switch, height, widt
         x = scheduler.step(out_uncond + guidance * (out_cond - out_uncond), t, x).prev_sample
     image = base.vae.decode(x / base.vae.config.scaling_factor).sample
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def test_control_a_wrong_switch_fails_the_bar(diffusers_pair, sdxl_pipe):
+    """The comparison can fail: diffusers at switch 0.6 vs artrt at 0.8 is far below MIN_PSNR."""
+    base, refiner = diffusers_pair
+    _use_sampler(base, "euler")
+    _use_sampler(refiner, "euler")
+    latents = _latents(1, 32, 32)
+    handoff = base(PROMPT, latents=latents.clone(), denoising_end=0.6, num_inference_steps=10,
+                   output_type="latent").images
+    reference = refiner(PROMPT, image=handoff, denoising_start=0.6, num_inference_steps=10, output_type="np").images
+    ours = _ours(sdxl_pipe, latents, steps=10, guidance=5.0, switch=0.8, sampler="euler")
+    assert psnr(ours, _to_uint8(reference)) < MIN_PSNR - 10
