@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 
 import torch
-
-import artrt
 from artrt.runtime.errors import InputError
 from artrt.runtime.package import (
     Component,
@@ -21,6 +19,8 @@ from artrt.runtime.package import (
     file_record,
     write_manifest,
 )
+
+import artrt
 
 from .graphs import DecoderGraph, FusedStepGraph, TextEncoderGraph
 from .onnx_io import check_onnx, export_onnx, tensor_info

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from artrt.engines import Engine, create_engine, resolve_backend
 from PIL import Image
 
 import artrt
-from artrt.engines import Engine, create_engine, resolve_backend
 
 from .conditioning import EncodedText, build_conditioning
 from .denoise import LoopBuffers, denoise

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from artrt.runtime.cli import main
 from artrt.runtime.images import read_parameters
 
@@ -110,7 +109,8 @@ def test_unwritable_output(capsys, sdxl_package, tmp_path):
 
 
 def test_export_errors(capsys, models_dir, tmp_path):
-    code, _, err = _run(capsys, "export", "--base", tmp_path / "x", "--refiner", tmp_path / "y", "--out", tmp_path / "p")
+    code, _, err = _run(capsys, "export", "--base", tmp_path / "x", "--refiner", tmp_path / "y",
+                        "--out", tmp_path / "p")
     _assert_one_line_error(code, err, "folder not found")
     code, _, err = _run(capsys, "export", "--base", models_dir / "base", "--refiner", models_dir / "refiner",
                         "--out", tmp_path / "p", "--switch", "2")

@@ -7,7 +7,6 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-
 from artrt.engines import create_engine
 from artrt.runtime.package import read_manifest
 
@@ -23,10 +22,9 @@ def test_export_check_is_recorded_and_small(sdxl_package):
 
 
 def _torch_components(models_dir):
+    from artrt.export.graphs import DecoderGraph, FusedStepGraph, TextEncoderGraph
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection
-
-    from artrt.export.graphs import DecoderGraph, FusedStepGraph, TextEncoderGraph
 
     te2 = CLIPTextModelWithProjection.from_pretrained(models_dir / "base" / "text_encoder_2").eval()
     unet = UNet2DConditionModel.from_pretrained(models_dir / "refiner" / "unet").eval()
@@ -43,7 +41,7 @@ def _inputs(name: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
         return {"input_ids": rng.integers(0, 500, (2, 77)).astype(np.int64)}
     if name == "vae_decoder":
         return {"latents": rng.standard_normal((1, 4, 12, 20), dtype=np.float32)}
-    latent = lambda: rng.standard_normal((3, 4, 8, 16), dtype=np.float32)  # noqa: E731
+    latent = lambda: rng.standard_normal((3, 4, 8, 16), dtype=np.float32)
     return {
         "sample": latent(), "denoised_prev": latent(), "noise": latent(),
         "step": np.array([0.2, 321.0, 1.0, -1.5, 6.5, 0.8, 0.2, 0.1, 0.3], np.float32),

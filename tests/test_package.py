@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from artrt.runtime.errors import PackageError
 from artrt.runtime.package import MANIFEST_NAME, read_manifest
 

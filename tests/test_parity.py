@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import psnr
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -19,8 +20,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-
-from conftest import psnr
 
 SCHEDULERS = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
 PROMPT = "a lighthouse at dusk"
