@@ -101,7 +101,7 @@ def check_onnx(
                 f"{path.name}: ONNX output {name!r} differs from PyTorch by {error:.3g} "
                 f"(allowed {tolerance * scale:.3g})"
             )
-    log.info("%s: max abs error vs PyTorch %s", path.name, {k: f"{v:.2e}" for k, v in errors.items()})
+    log.debug("%s: max abs error vs PyTorch %s", path.name, {k: f"{v:.2e}" for k, v in errors.items()})
     return errors
 
 
