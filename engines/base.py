@@ -32,6 +32,7 @@ class Engine(ABC):
     """One component on one backend. Subclasses implement the ``_`` methods."""
 
     backend: str = ""
+    device: str = "cpu"  # "cuda" engines bind DeviceArrays and enqueue asynchronously
 
     def __init__(self, path: str | Path, name: str | None = None) -> None:
         self.path = Path(path)
@@ -72,8 +73,8 @@ class Engine(ABC):
         self._check_inputs(inputs)
         return self._run(inputs)
 
-    def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Any:
-        """Bind host buffers for repeated runs. The arrays must stay alive and in place;
+    def bind(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> Any:
+        """Bind buffers (numpy arrays on CPU engines, DeviceArrays on CUDA ones) for repeated runs. The arrays must stay alive and in place;
         :meth:`run_bound` reads their current contents and writes the outputs into them."""
         self._require_active()
         self._check_inputs(inputs)
@@ -81,11 +82,13 @@ class Engine(ABC):
         if missing:
             raise EngineError(f"{self.name}: no buffer bound for output(s) {sorted(missing)}")
         for name, array in {**inputs, **outputs}.items():
-            if not array.flags.c_contiguous:
+            if isinstance(array, np.ndarray) and not array.flags.c_contiguous:
                 raise EngineError(f"{self.name}: buffer {name!r} must be C-contiguous")
         return self._bind(inputs, outputs)
 
     def run_bound(self, binding: Any) -> None:
+        """Run on bound buffers. CPU engines return when done; CUDA engines only enqueue
+        on their stream (the caller synchronises)."""
         self._run_bound(binding)
 
     # -- helpers for subclasses -------------------------------------------------
