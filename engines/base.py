@@ -74,8 +74,9 @@ class Engine(ABC):
         return self._run(inputs)
 
     def bind(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> Any:
-        """Bind buffers (numpy arrays on CPU engines, DeviceArrays on CUDA ones) for repeated runs. The arrays must stay alive and in place;
-        :meth:`run_bound` reads their current contents and writes the outputs into them."""
+        """Bind buffers for repeated runs: numpy arrays on CPU engines, DeviceArrays on
+        CUDA ones. They must stay alive and in place; :meth:`run_bound` reads their
+        current contents and writes the outputs into them."""
         self._require_active()
         self._check_inputs(inputs)
         missing = {o.name for o in self.outputs} - set(outputs)
