@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from artrt.runtime.errors import EngineError
 
 from .base import Engine, TensorSpec

@@ -1,9 +1,12 @@
 """The sampling loop: one fused engine call per step, experts switched mid-loop.
 
-All host buffers for one latent shape live in :class:`LoopBuffers` and are bound to
-the expert engines once; a step only writes its nine scalars (and, for ancestral
-samplers, fresh noise) into bound buffers and runs. Latents and denoised estimates
-ping-pong between two buffers each, so no step allocates.
+Every buffer of one latent shape lives in :class:`LoopBuffers` at a fixed address
+(host memory for CPU engines, device memory for CUDA engines) and is bound to the
+expert engines once. The per-step scalars and, for ancestral samplers, the per-step
+noise are written as whole tables before the loop; a step copies its row into the
+bound ``step`` (and ``noise``) buffer and runs. Latents and denoised estimates
+ping-pong between two buffers each, so no step allocates and, on a GPU, no step
+synchronises with the host.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from artrt.engines import Engine
 
 from .experts import Segment
@@ -22,27 +26,61 @@ _D_COLUMN = STEP_SCALARS.index("d")
 _GUIDANCE_COLUMN = STEP_SCALARS.index("guidance")
 
 
-class LoopBuffers:
-    """Latent, noise, scalar and conditioning buffers for one ``(batch, C, h, w)`` shape."""
+class HostMemory:
+    """Buffers as numpy arrays; the same operations as ``DeviceMemory`` on a GPU."""
 
-    def __init__(self, shape: tuple[int, int, int, int]) -> None:
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return np.zeros(shape, dtype)
+
+    def write(self, dst: np.ndarray, src: np.ndarray) -> None:
+        np.copyto(dst, src, casting="same_kind")
+
+    def copy_row(self, dst: np.ndarray, table: np.ndarray, row: int) -> None:
+        np.copyto(dst, table[row])
+
+    def read(self, src: np.ndarray) -> np.ndarray:
+        return src.copy()
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def seconds(self, start: float, end: float) -> float:
+        return end - start
+
+
+class LoopBuffers:
+    """Latent, noise, scalar-table and conditioning buffers for one ``(B, C, h, w)`` shape."""
+
+    def __init__(self, shape: tuple[int, int, int, int], memory: Any = None) -> None:
         self.shape = shape
-        self.samples = [np.zeros(shape, np.float32), np.zeros(shape, np.float32)]
-        self.denoised = [np.zeros(shape, np.float32), np.zeros(shape, np.float32)]
-        self.noise = np.zeros(shape, np.float32)
-        self.step = np.zeros(len(STEP_SCALARS), np.float32)
-        self.conditioning: dict[str, dict[str, np.ndarray]] = {}
+        self.memory = memory or HostMemory()
+        empty = self.memory.empty
+        self.samples = [empty(shape, np.float32), empty(shape, np.float32)]
+        self.denoised = [empty(shape, np.float32), empty(shape, np.float32)]
+        self.noise = empty(shape, np.float32)
+        self.step = empty((len(STEP_SCALARS),), np.float32)
+        self.tables: dict[str, Any] = {}
+        self.conditioning: dict[str, dict[str, Any]] = {}
         self._bindings: dict[tuple[str, int], Any] = {}
 
-    def set_conditioning(self, expert: str, feeds: Mapping[str, np.ndarray]) -> None:
-        """Copy an expert's conditioning into its persistent buffers (allocated on first use)."""
+    def table(self, name: str, values: np.ndarray) -> Any:
+        """Write ``values`` into the persistent table ``name`` (reallocated when its shape changes)."""
+        current = self.tables.get(name)
+        if current is None or current.shape != values.shape:
+            current = self.tables[name] = self.memory.empty(values.shape, values.dtype)
+        self.memory.write(current, values)
+        return current
+
+    def set_conditioning(self, expert: str, engine: Engine, feeds: Mapping[str, np.ndarray]) -> None:
+        """Write an expert's conditioning in the dtypes its graph takes (allocated on first use)."""
+        dtypes = {spec.name: spec.dtype for spec in engine.inputs}
         current = self.conditioning.get(expert)
         if current is None or any(current[k].shape != v.shape for k, v in feeds.items()):
-            self.conditioning[expert] = {k: np.ascontiguousarray(v, np.float32) for k, v in feeds.items()}
+            current = {k: self.memory.empty(v.shape, dtypes[k]) for k, v in feeds.items()}
+            self.conditioning[expert] = current
             self._bindings = {key: b for key, b in self._bindings.items() if key[0] != expert}
-            return
         for name, value in feeds.items():
-            np.copyto(current[name], value)
+            self.memory.write(current[name], value.astype(dtypes[name], copy=False))
 
     def binding(self, expert: str, engine: Engine, parity: int) -> Any:
         """The engine binding that reads buffers ``parity`` and writes ``1 - parity``."""
@@ -60,6 +98,42 @@ class LoopBuffers:
         return self._bindings[key]
 
 
+def step_tables(
+    scalars: np.ndarray, segments: Sequence[Segment], shape: tuple[int, ...], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ``[steps, 9]`` scalar table with each segment's guidance, and the per-step noise
+    ``[steps, *shape]`` when a step has ``d != 0`` (drawn in step order from ``rng``)."""
+    table = np.array(scalars, dtype=np.float32, copy=True)
+    for segment in segments:
+        table[segment.start : segment.stop, _GUIDANCE_COLUMN] = segment.guidance
+    if not np.any(table[:, _D_COLUMN] != 0.0):
+        return table, None
+    noise = np.zeros((len(table), *shape), np.float32)
+    for i in np.flatnonzero(table[:, _D_COLUMN] != 0.0):
+        noise[i] = rng.standard_normal(shape, dtype=np.float32)
+    return table, noise
+
+
+def enqueue_steps(
+    engines: Sequence[Engine], names: Sequence[str], buffers: LoopBuffers, segments: Sequence[Segment],
+    has_noise: bool,
+) -> tuple[int, list[tuple[str, Any, Any]]]:
+    """Issue every step; returns the parity holding the result and (expert, start, end) marks."""
+    memory, parity, marks = buffers.memory, 0, []
+    for segment in segments:
+        engine, name = engines[segment.expert], names[segment.expert]
+        bound = [buffers.binding(name, engine, 0), buffers.binding(name, engine, 1)]
+        start = memory.mark()
+        for i in range(segment.start, segment.stop):
+            memory.copy_row(buffers.step, buffers.tables["scalars"], i)
+            if has_noise:
+                memory.copy_row(buffers.noise, buffers.tables["noise"], i)
+            engine.run_bound(bound[parity])
+            parity ^= 1
+        marks.append((name, start, memory.mark()))
+    return parity, marks
+
+
 def denoise(
     engines: Sequence[Engine],
     names: Sequence[str],
@@ -70,27 +144,20 @@ def denoise(
     rng: np.random.Generator,
     timings: dict[str, float],
 ) -> np.ndarray:
-    """Run every step of ``segments``; returns the final latents (a view into ``buffers``).
+    """Run every step of ``segments`` and return the final latents as a host array.
 
-    ``scalars`` is the ``[steps, 9]`` table of the step plan; each segment's guidance is
-    written into its rows. Seconds spent per expert are added to ``timings``.
+    Seconds spent per expert are added to ``timings`` under ``expert:<name>``.
     """
-    table = np.array(scalars, dtype=np.float32, copy=True)
-    for segment in segments:
-        table[segment.start : segment.stop, _GUIDANCE_COLUMN] = segment.guidance
-    np.copyto(buffers.samples[0], initial)
-    buffers.denoised[0].fill(0.0)
-    parity = 0
-    for segment in segments:
-        engine, name = engines[segment.expert], names[segment.expert]
-        bound = [buffers.binding(name, engine, 0), buffers.binding(name, engine, 1)]
-        started = time.perf_counter()
-        for i in range(segment.start, segment.stop):
-            buffers.step[:] = table[i]
-            if table[i, _D_COLUMN] != 0.0:
-                rng.standard_normal(out=buffers.noise, dtype=np.float32)
-            engine.run_bound(bound[parity])
-            parity ^= 1
+    memory = buffers.memory
+    table, noise = step_tables(scalars, segments, buffers.shape, rng)
+    buffers.table("scalars", table)
+    if noise is not None:
+        buffers.table("noise", noise)
+    memory.write(buffers.samples[0], initial)
+    memory.write(buffers.denoised[0], np.zeros(buffers.shape, np.float32))
+    parity, marks = enqueue_steps(engines, names, buffers, segments, noise is not None)
+    final = memory.read(buffers.samples[parity])  # synchronises a device stream
+    for name, start, end in marks:
         key = f"expert:{name}"
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
-    return buffers.samples[parity]
+        timings[key] = timings.get(key, 0.0) + memory.seconds(start, end)
+    return final

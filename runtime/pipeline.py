@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from artrt.engines import Engine, create_engine, resolve_backend
 from PIL import Image
 
 import artrt
+from artrt.engines import Engine, create_engine, resolve_backend
 
 from .conditioning import EncodedText, build_conditioning
 from .denoise import LoopBuffers, denoise
-from .errors import InputError
+from .errors import EngineError, InputError
 from .experts import history_resets, plan_experts
 from .images import save_png, to_pil
 from .package import Manifest, read_manifest, resolve
@@ -128,13 +128,14 @@ class Pipeline:
         initial = _initial_latents(latents, shape, rng) * np.float32(plan.init_noise_sigma)
         buffers = self._loop_buffers(shape)
         experts = self.manifest.experts
-        for expert in experts:
+        engines = [self.engines[e.component] for e in experts]
+        for expert, engine in zip(experts, engines):
             feeds = build_conditioning(
                 expert.conditioning, encoded, not negative_prompt, num_images, args.height, args.width
             )
-            buffers.set_conditioning(expert.name, feeds)
-        engines = [self.engines[e.component] for e in experts]
+            buffers.set_conditioning(expert.name, engine, feeds)
         final = denoise(engines, [e.name for e in experts], buffers, initial, plan.scalars, segments, rng, timings)
+        check_finite(final, "the final latents")
         images = self._decode(final, timings)
         timings["total"] = time.perf_counter() - started
         parameters = args.record(prompt, negative_prompt, self.manifest)
@@ -160,6 +161,7 @@ class Pipeline:
             images = to_pil(latents, pixel_space=True)
         else:
             pixels = self.engines[self.manifest.decoder].run({"latents": latents})["image"]
+            check_finite(pixels, "the decoded image")
             images = to_pil(pixels)
         timings["decode"] = time.perf_counter() - started
         return images
@@ -168,6 +170,13 @@ class Pipeline:
         if self._buffers is None or self._buffers.shape != shape:
             self._buffers = LoopBuffers(shape)
         return self._buffers
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    """Raise when a stage produced NaN or Inf (e.g. an fp16 overflow), instead of saving a black image."""
+    if not np.isfinite(array).all():
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise EngineError(f"{bad} NaN/Inf values in {what}; if this is an fp16 engine, use an fp32 or fp16-safe VAE")
 
 
 def _default(value: Any, default: Any) -> Any:

@@ -7,6 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+
 from artrt.engines import create_engine
 from artrt.runtime.package import read_manifest
 
@@ -22,9 +23,10 @@ def test_export_check_is_recorded_and_small(sdxl_package):
 
 
 def _torch_components(models_dir):
-    from artrt.export.graphs import DecoderGraph, FusedStepGraph, TextEncoderGraph
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection
+
+    from artrt.export.graphs import DecoderGraph, FusedStepGraph, TextEncoderGraph
 
     te2 = CLIPTextModelWithProjection.from_pretrained(models_dir / "base" / "text_encoder_2").eval()
     unet = UNet2DConditionModel.from_pretrained(models_dir / "refiner" / "unet").eval()
