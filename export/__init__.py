@@ -1,6 +1,21 @@
-"""Export side (needs the ``export`` extra): diffusers folders -> ONNX package."""
+"""Export side (needs the ``export`` extra): diffusers folders -> ONNX package, engine builds.
 
-from .package_export import export_package
-from .sources import ModelSources, load_same_arch, load_sdxl_ensemble
+Names are imported on first use, so ``artrt.export.build`` (TensorRT / ORT builds from a
+package) does not pull in torch.
+"""
+
+from typing import Any
 
 __all__ = ["ModelSources", "export_package", "load_same_arch", "load_sdxl_ensemble"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "export_package":
+        from .package_export import export_package
+
+        return export_package
+    if name in ("ModelSources", "load_same_arch", "load_sdxl_ensemble"):
+        from . import sources
+
+        return getattr(sources, name)
+    raise AttributeError(f"module 'artrt.export' has no attribute {name!r}")

@@ -67,7 +67,7 @@ class FusedStepGraph(nn.Module):
             added = {"text_embeds": text_embeds, "time_ids": time_ids}
         out = self.unet(
             torch.cat([x_in, x_in]),
-            t.to(net_dtype),
+            t,  # fp32: diffusers keeps timesteps fp32 and casts the embedding itself
             encoder_hidden_states=encoder_hidden_states,
             added_cond_kwargs=added,
             return_dict=False,

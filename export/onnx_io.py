@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
 from artrt.runtime.errors import ArtrtError
 
 log = logging.getLogger(__name__)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+import artrt
 from artrt.runtime.errors import InputError
 from artrt.runtime.package import (
     Component,
@@ -20,8 +25,6 @@ from artrt.runtime.package import (
     write_manifest,
 )
 
-import artrt
-
 from .graphs import DecoderGraph, FusedStepGraph, TextEncoderGraph
 from .onnx_io import check_onnx, export_onnx, tensor_info
 from .sources import ExpertSource, ModelSources, TextEncoderSource
@@ -29,20 +32,29 @@ from .sources import ExpertSource, ModelSources, TextEncoderSource
 log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-3  # allowed max abs error of ONNX vs PyTorch, relative to max(1, |output|)
+TOLERANCE_FP16 = 5e-2  # the same for fp16 ONNX vs the fp32 PyTorch module
+PRECISIONS = ("fp32", "fp16")
+CONDITIONING = ("encoder_hidden_states", "text_embeds", "time_ids")  # fp16 inputs of fp16 step graphs
 LATENT_AXES = {0: "batch", 2: "latent_height", 3: "latent_width"}
 COND_AXES = {0: "cond_batch"}
 
 
 def export_package(
     sources: ModelSources, out: str | Path, switch: float = 0.8, steps: int = 30,
-    guidance: float = 5.0, overwrite: bool = False,
+    guidance: float = 5.0, overwrite: bool = False, precisions: Sequence[str] = PRECISIONS,
+    fp16_vae: bool = False,
 ) -> Manifest:
     """Export ``sources`` into the package directory ``out`` and return its manifest.
 
-    The package is assembled in ``out.partial`` and renamed into place at the end, so
-    an interrupted export never leaves a half-written package behind.
+    Every component gets an fp32 graph (``model.onnx``); with ``"fp16"`` in
+    ``precisions`` the text encoders and experts also get a half-precision graph
+    (``model_fp16.onnx``), and so does the VAE decoder when ``fp16_vae`` says it is
+    fp16-safe (SDXL's original VAE overflows in fp16). The package is assembled in
+    ``out.partial`` and renamed into place at the end, so an interrupted export never
+    leaves a half-written package behind.
     """
     out = Path(out)
+    fp16 = _check_precisions(precisions, fp16_vae)
     if not 0.0 <= switch <= 1.0:
         raise InputError(f"--switch must be in [0, 1], got {switch}")
     if out.exists() and not overwrite:
@@ -55,19 +67,19 @@ def export_package(
     tokenizers: dict[str, TokenizerInfo] = {}
     files: list[str] = []
     for enc in sources.text_encoders.values():
-        comp, tok, written = _export_text_encoder(enc, work)
+        comp, tok, written = _export_text_encoder(enc, work, fp16)
         components[comp.name], tokenizers[enc.name] = comp, tok
         files += written
     latent = _latent_shape(sources)
     experts = []
     for expert in sources.experts:
-        comp, written = _export_expert(expert, sources, work, latent)
+        comp, written = _export_expert(expert, sources, work, latent, fp16)
         components[comp.name] = comp
         files += written
         experts.append(Expert(expert.name, comp.name, expert.conditioning))
     decoder = None
     if sources.vae is not None:
-        comp, written = _export_decoder(sources.vae, work, latent)
+        comp, written = _export_decoder(sources.vae, work, latent, fp16 and fp16_vae)
         components[comp.name], decoder = comp, comp.name
         files += written
     unet = sources.experts[0].unet
@@ -95,29 +107,93 @@ def export_package(
     return manifest
 
 
-def _component(name: str, kind: str, work: Path, onnx_rel: str, errors: dict, tokenizer=None) -> Component:
+def _check_precisions(precisions: Sequence[str], fp16_vae: bool) -> bool:
+    """Validate ``precisions``; returns whether fp16 graphs are wanted."""
+    unknown = sorted(set(precisions) - set(PRECISIONS))
+    if unknown:
+        raise InputError(f"unknown precision(s) {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
+    if "fp32" not in precisions:
+        raise InputError("fp32 graphs are always exported (ORT CPU runs them): use --precision fp32 [fp16]")
+    if fp16_vae and "fp16" not in precisions:
+        raise InputError("--fp16-vae needs fp16 in --precision")
+    return "fp16" in precisions
+
+
+class _Fp32Reference(torch.nn.Module):
+    """The fp32 module fed an fp16 graph's inputs cast back to fp32: what its check compares with."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs: torch.Tensor):
+        return self.module(*(t.float() if t.is_floating_point() else t for t in inputs))
+
+
+class _Fp32Boundary(torch.nn.Module):
+    """Wraps a half-precision single-input graph so its input and output stay fp32."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.half()).float()
+
+
+def _half_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy(module).half()`` without an intermediate fp32 copy of the weights."""
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.is_floating_point():
+            half = tensor.detach().half()
+            memo[id(tensor)] = torch.nn.Parameter(half, requires_grad=False) if isinstance(
+                tensor, torch.nn.Parameter) else half
+    return copy.deepcopy(module, memo).eval()
+
+
+def _as_half(inputs: dict[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    return {k: v.half() if k in names else v for k, v in inputs.items()}
+
+
+def _component(name: str, kind: str, work: Path, written: dict, tokenizer=None) -> Component:
+    onnx_rel, errors = written["fp32"]
+    onnx_fp16, errors_fp16 = written.get("fp16", (None, {}))
     inputs, outputs = tensor_info(work / onnx_rel)
 
     def infos(items: list[dict]) -> tuple[TensorInfo, ...]:
         return tuple(TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
 
-    return Component(name, kind, onnx_rel, infos(inputs), infos(outputs), tokenizer, errors)
+    return Component(name, kind, onnx_rel, infos(inputs), infos(outputs), tokenizer, errors, onnx_fp16, errors_fp16)
 
 
-def _export_graph(module, name, inputs, check_inputs, outputs, axes, work: Path):
-    started = time.perf_counter()
-    log.info("exporting %s ...", name)
-    path = work / name / "model.onnx"
-    written = export_onnx(module, inputs, outputs, axes, path)
-    errors = check_onnx(module, check_inputs, outputs, path, TOLERANCE)
-    log.info(
-        "exported %s in %.1f s; max abs error vs PyTorch: %s", name, time.perf_counter() - started,
-        ", ".join(f"{k} {v:.2e}" for k, v in errors.items()),
-    )
-    return [str(p.relative_to(work)) for p in written], errors
+def _export_graph(module, name, inputs, check_inputs, outputs, axes, work: Path, fp16=None, half_inputs=()):
+    """Export ``module`` to ``<name>/model.onnx`` and, with ``fp16`` (a half-precision
+    version of it), to ``<name>/model_fp16.onnx``, checking each against the fp32 module.
+
+    Returns the files written and ``{precision: (onnx path, max abs error per output)}``.
+    """
+    variants = [("fp32", module, "model.onnx", inputs, check_inputs, TOLERANCE, module)]
+    if fp16 is not None:
+        variants.append(("fp16", fp16, "model_fp16.onnx", _as_half(inputs, half_inputs),
+                         _as_half(check_inputs, half_inputs), TOLERANCE_FP16, _Fp32Reference(module)))
+    files, graphs = [], {}
+    for precision, graph, filename, trace, check, tolerance, reference in variants:
+        started = time.perf_counter()
+        log.info("exporting %s (%s) ...", name, precision)
+        path = work / name / filename
+        written = export_onnx(graph, trace, outputs, axes, path)
+        errors = check_onnx(reference, check, outputs, path, tolerance)
+        log.info(
+            "exported %s (%s) in %.1f s; max abs error vs PyTorch fp32: %s", name, precision,
+            time.perf_counter() - started, ", ".join(f"{k} {v:.2e}" for k, v in errors.items()),
+        )
+        files += [str(p.relative_to(work)) for p in written]
+        graphs[precision] = (str(path.relative_to(work)), errors)
+    return files, graphs
 
 
-def _export_text_encoder(enc: TextEncoderSource, work: Path):
+def _export_text_encoder(enc: TextEncoderSource, work: Path, fp16: bool):
     max_length = int(enc.tokenizer.model_max_length)
     vocab = int(enc.model.config.vocab_size)
     graph = TextEncoderGraph(enc.model, enc.hidden_layer, enc.pooled).eval()
@@ -125,11 +201,12 @@ def _export_text_encoder(enc: TextEncoderSource, work: Path):
     ids = {"input_ids": torch.randint(0, vocab, (1, max_length), dtype=torch.int64)}
     check = {"input_ids": torch.randint(0, vocab, (3, max_length), dtype=torch.int64)}
     axes = {n: {0: "batch"} for n in ["input_ids", *outputs]}
-    written, errors = _export_graph(graph, enc.name, ids, check, outputs, axes, work)
+    half = _half_copy(graph) if fp16 else None  # outputs fp16; hosts cast them as needed
+    written, graphs = _export_graph(graph, enc.name, ids, check, outputs, axes, work, half)
     tok_rel = f"{enc.name}/tokenizer.json"
     enc.tokenizer.backend_tokenizer.save(str(work / tok_rel))
     tok = TokenizerInfo(tok_rel, max_length, int(enc.tokenizer.pad_token_id))
-    comp = _component(enc.name, "text_encoder", work, written[0], errors, tokenizer=enc.name)
+    comp = _component(enc.name, "text_encoder", work, graphs, tokenizer=enc.name)
     return comp, tok, [*written, tok_rel]
 
 
@@ -162,7 +239,7 @@ def _hidden_width(enc: TextEncoderSource) -> int:
     return int(enc.model.config.hidden_size)
 
 
-def _export_expert(expert: ExpertSource, sources: ModelSources, work: Path, latent: tuple[int, int]):
+def _export_expert(expert: ExpertSource, sources: ModelSources, work: Path, latent: tuple[int, int], fp16: bool):
     _, size = latent
     added = expert.conditioning.pooled is not None
     graph = FusedStepGraph(expert.unet, added_conditioning=added).eval()
@@ -172,19 +249,21 @@ def _export_expert(expert: ExpertSource, sources: ModelSources, work: Path, late
     axes.update({n: COND_AXES for n in ("encoder_hidden_states", "text_embeds", "time_ids") if n in inputs})
     name = f"expert_{expert.name}"
     outputs = ["next_sample", "denoised"]
-    written, errors = _export_graph(graph, name, inputs, check, outputs, axes, work)
-    return _component(name, "fused_step", work, written[0], errors), written
+    half = _half_copy(graph) if fp16 else None  # FusedStepGraph keeps x, D and the update in fp32
+    written, graphs = _export_graph(graph, name, inputs, check, outputs, axes, work, half, CONDITIONING)
+    return _component(name, "fused_step", work, graphs), written
 
 
-def _export_decoder(vae: torch.nn.Module, work: Path, latent: tuple[int, int]):
+def _export_decoder(vae: torch.nn.Module, work: Path, latent: tuple[int, int], fp16: bool):
     channels, size = latent
     graph = DecoderGraph(vae).eval()
     g = torch.Generator().manual_seed(2)
     inputs = {"latents": torch.randn(1, channels, size, size, generator=g)}
     check = {"latents": torch.randn(2, channels, size, 2 * size, generator=g)}
     axes = {"latents": LATENT_AXES, "image": {0: "batch", 2: "height", 3: "width"}}
-    written, errors = _export_graph(graph, "vae_decoder", inputs, check, ["image"], axes, work)
-    return _component("vae_decoder", "vae_decoder", work, written[0], errors), written
+    half = _Fp32Boundary(_half_copy(graph)) if fp16 else None
+    written, graphs = _export_graph(graph, "vae_decoder", inputs, check, ["image"], axes, work, half)
+    return _component("vae_decoder", "vae_decoder", work, graphs), written
 
 
 __all__ = ["export_package"]

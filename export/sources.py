@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from artrt.runtime.errors import ConfigError, InputError
 from artrt.runtime.package import Conditioning
 from artrt.runtime.schedules import ScheduleConfig

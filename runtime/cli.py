@@ -1,4 +1,4 @@
-"""``artrt`` command line: export, generate, info.
+"""``artrt`` command line: export, build, generate, info.
 
 Arguments are parsed once here into plain values. Errors a user can cause end with
 one ``artrt: error: ...`` line on stderr and exit status 1 (2 for usage errors).
@@ -18,6 +18,7 @@ from .errors import ArtrtError, InputError
 log = logging.getLogger("artrt")
 
 SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m")
+PRECISIONS = ("fp32", "fp16")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +39,39 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=30, help="default number of steps recorded (default 30)")
     p.add_argument("--guidance", type=float, default=5.0, help="default guidance scale recorded (default 5.0)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS), metavar="P",
+                   help="graphs to write per component: fp32 (always; ORT CPU runs it) and fp16 (built into GPU "
+                   "engines; the network runs in fp16, latents and the sampler update stay fp32); default both")
+    p.add_argument("--fp16-vae", action="store_true", help="also write an fp16 VAE decoder (only for an fp16-safe "
+                   "VAE: SDXL's original VAE overflows in fp16; without this GPU backends decode in fp32)")
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build",
+        help="build GPU engines for a package (TensorRT plans or fused ONNX Runtime CUDA graphs)",
+        description="Build one engine per component of a package for this machine and record it in the "
+        "package's artrt.json. trt: a TensorRT plan from the fp16 ONNX (strongly typed), for one optimization "
+        "profile, static by default; plans are tied to the TensorRT version and GPU they were built with. "
+        "ort-cuda: graphs fused by the ONNX Runtime transformers optimizer. Engines that already fit the "
+        "request are kept unless --rebuild is given.",
+    )
+    p.add_argument("model", type=Path, help="package directory")
+    p.add_argument("--backend", choices=("trt", "ort-cuda"), default="trt", help="engine kind (default trt)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the package's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the package's)")
+    p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--dynamic", action="store_true", help="build for ranges of sizes and batches instead of "
+                   "exactly --height/--width/--batch (one build serves many requests; TensorRT tunes for "
+                   "--height/--width/--batch)")
+    p.add_argument("--min-size", type=int, help="with --dynamic: smallest height/width (default: half the smaller)")
+    p.add_argument("--max-size", type=int, help="with --dynamic: largest height/width (default: 1.5x the larger)")
+    p.add_argument("--max-batch", type=int, help="with --dynamic: largest batch (default --batch)")
+    p.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="{0-5}",
+                   help="TensorRT builder optimization level: higher builds longer, may run faster (default 3)")
+    p.add_argument("--timing-cache", type=Path,
+                   help="TensorRT timing cache, read and updated (default PKG/engines/timing.cache)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild engines even when they are up to date")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -66,7 +100,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="auto", help="auto (default) or ort-cpu")
+    p.add_argument("--backend", default="auto", help="auto (default: trt when the package has TensorRT engines "
+                   "and a GPU is present, else ort-cuda, else ort-cpu), trt, ort-cuda or ort-cpu")
     p.add_argument("--threads", type=int, help="CPU threads per engine (default: one per core)")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the package files")
 
@@ -90,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", "-q", action="store_true", help="only print errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_export(sub)
+    _add_build(sub)
     _add_generate(sub)
     _add_info(sub)
     return parser
@@ -108,7 +144,24 @@ def run_export(args: argparse.Namespace) -> None:
     else:
         sources = load_same_arch(args.base, args.detail_unet)
     export_package(sources, args.out, switch=args.switch, steps=args.steps, guidance=args.guidance,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, precisions=tuple(args.precision), fp16_vae=args.fp16_vae)
+
+
+def run_build(args: argparse.Namespace) -> None:
+    try:
+        from artrt.export.build import BuildRequest, DynamicRange, build_engines
+    except ImportError as exc:
+        raise InputError(f"build needs the 'export' extra (pip install 'artrt[export]'): {exc}") from None
+    bounds = {"--min-size": args.min_size, "--max-size": args.max_size, "--max-batch": args.max_batch}
+    given = [flag for flag, value in bounds.items() if value is not None]
+    if given and not args.dynamic:
+        raise InputError(f"{', '.join(given)} only apply with --dynamic")
+    dynamic = DynamicRange(args.min_size, args.max_size, args.max_batch) if args.dynamic else None
+    request = BuildRequest(
+        height=args.height, width=args.width, batch=args.batch, dynamic=dynamic, backend=args.backend,
+        opt_level=args.opt_level, timing_cache=args.timing_cache, rebuild=args.rebuild,
+    )
+    build_engines(args.model, request)
 
 
 def _check_output(path: Path) -> None:
@@ -158,14 +211,33 @@ def run_info(args: argparse.Namespace) -> None:
         check = ", ".join(f"{k} {v:.1e}" for k, v in c.export_check.items())
         lines.append(f"  {c.name:<24} {c.kind:<13} {sizes.get(c.onnx, 0) / 1e6:9.1f} MB  "
                      f"max |ONNX - PyTorch|: {check or 'n/a'}")
+        if c.onnx_fp16 is not None:
+            check = ", ".join(f"{k} {v:.1e}" for k, v in c.export_check_fp16.items())
+            lines.append(f"  {'  fp16':<24} {'':<13} {sizes.get(c.onnx_fp16, 0) / 1e6:9.1f} MB  "
+                         f"max |ONNX fp16 - PyTorch fp32|: {check or 'n/a'}")
         for t in (*c.inputs, *c.outputs):
             lines.append(f"      {t.name:<22} {t.dtype:<8} {list(t.shape)}")
+    lines += _engine_lines(m)
     lines.append(f"files     {len(m.files)}, {sum(sizes.values()) / 1e6:.1f} MB, "
                  f"{'sha256 verified' if not args.no_verify else 'sizes checked'}")
     print("\n".join(lines))
 
 
-COMMANDS = {"export": run_export, "generate": run_generate, "info": run_info}
+def _engine_lines(m) -> list[str]:
+    if not m.engines:
+        return ["engines   none built (artrt build)"]
+    lines = ["engines:"]
+    for e in m.engines:
+        built_for = (f"TensorRT {e.get('tensorrt_version')}, compute capability {e.get('compute_capability')}"
+                     if e.get("backend") == "trt" else f"onnxruntime {e.get('onnxruntime_version')}")
+        lines.append(f"  {e.get('component', '?'):<24} {e.get('backend', '?'):<9} {e.get('precision', '?'):<5} "
+                     f"{e.get('size', 0) / 1e6:9.1f} MB  {e.get('file')}  ({built_for})")
+        for tensor, (low, opt, high) in e.get("profile", {}).items():
+            lines.append(f"      {tensor:<22} min {low}  opt {opt}  max {high}")
+    return lines
+
+
+COMMANDS = {"export": run_export, "build": run_build, "generate": run_generate, "info": run_info}
 
 
 def _configure_logging(quiet: bool) -> None:

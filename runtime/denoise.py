@@ -62,12 +62,25 @@ class LoopBuffers:
         self.tables: dict[str, Any] = {}
         self.conditioning: dict[str, dict[str, Any]] = {}
         self._bindings: dict[tuple[str, int], Any] = {}
+        self.graphs: dict[Any, Any] = {}  # captured loops, valid only for these buffers
+
+    def release(self) -> None:
+        """Free device memory and captured graphs now (host arrays are left to the GC)."""
+        for graph, _, _ in self.graphs.values():
+            graph.free()
+        arrays = [*self.samples, *self.denoised, self.noise, self.step, *self.tables.values()]
+        arrays += [a for feeds in self.conditioning.values() for a in feeds.values()]
+        for array in arrays:
+            if hasattr(array, "free"):
+                array.free()
+        self.graphs, self.tables, self.conditioning, self._bindings = {}, {}, {}, {}
 
     def table(self, name: str, values: np.ndarray) -> Any:
         """Write ``values`` into the persistent table ``name`` (reallocated when its shape changes)."""
         current = self.tables.get(name)
         if current is None or current.shape != values.shape:
             current = self.tables[name] = self.memory.empty(values.shape, values.dtype)
+            self.graphs.clear()
         self.memory.write(current, values)
         return current
 
@@ -79,6 +92,7 @@ class LoopBuffers:
             current = {k: self.memory.empty(v.shape, dtypes[k]) for k, v in feeds.items()}
             self.conditioning[expert] = current
             self._bindings = {key: b for key, b in self._bindings.items() if key[0] != expert}
+            self.graphs.clear()
         for name, value in feeds.items():
             self.memory.write(current[name], value.astype(dtypes[name], copy=False))
 
@@ -143,10 +157,13 @@ def denoise(
     segments: Sequence[Segment],
     rng: np.random.Generator,
     timings: dict[str, float],
+    capture: bool = False,
 ) -> np.ndarray:
     """Run every step of ``segments`` and return the final latents as a host array.
 
-    Seconds spent per expert are added to ``timings`` under ``expert:<name>``.
+    Seconds spent per expert are added to ``timings`` under ``expert:<name>``. With
+    ``capture`` (device memory only), the whole loop is captured into one CUDA graph
+    the first time a step plan is seen and replayed as a single launch afterwards.
     """
     memory = buffers.memory
     table, noise = step_tables(scalars, segments, buffers.shape, rng)
@@ -155,9 +172,35 @@ def denoise(
         buffers.table("noise", noise)
     memory.write(buffers.samples[0], initial)
     memory.write(buffers.denoised[0], np.zeros(buffers.shape, np.float32))
-    parity, marks = enqueue_steps(engines, names, buffers, segments, noise is not None)
+    if capture:
+        parity, marks = _replay_or_capture(engines, names, buffers, segments, noise is not None)
+    else:
+        parity, marks = enqueue_steps(engines, names, buffers, segments, noise is not None)
     final = memory.read(buffers.samples[parity])  # synchronises a device stream
     for name, start, end in marks:
         key = f"expert:{name}"
         timings[key] = timings.get(key, 0.0) + memory.seconds(start, end)
     return final
+
+
+def _replay_or_capture(
+    engines: Sequence[Engine], names: Sequence[str], buffers: LoopBuffers, segments: Sequence[Segment],
+    has_noise: bool,
+) -> tuple[int, list[tuple[str, Any, Any]]]:
+    """Launch the captured loop for this plan, or run it eagerly and capture it for next time.
+
+    The graph records the buffer addresses, so it lives in ``buffers.graphs`` and is
+    dropped with them (or when a conditioning buffer is reallocated). Its timing events
+    are recorded inside the graph, so per-expert timings still come out of a replay.
+    """
+    key = (tuple(segments), has_noise)
+    if key in buffers.graphs:
+        graph, parity, marks = buffers.graphs[key]
+        graph.launch(buffers.memory.stream)
+        return parity, marks
+    parity, marks = enqueue_steps(engines, names, buffers, segments, has_noise)
+    buffers.memory.stream.synchronize()  # engines have run once, as TensorRT requires before capture
+    with buffers.memory.capture() as graph:
+        _, graph_marks = enqueue_steps(engines, names, buffers, segments, has_noise)
+    buffers.graphs[key] = (graph, parity, graph_marks)
+    return parity, marks

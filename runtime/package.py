@@ -41,6 +41,9 @@ class Component:
     outputs: tuple[TensorInfo, ...]
     tokenizer: str | None = None  # text encoders: key into Manifest.tokenizers
     export_check: dict[str, float] = field(default_factory=dict)  # output -> max abs error
+    # fp16 graph for GPU backends (None: they use ``onnx``); docs/gpu-design.md has its I/O dtypes
+    onnx_fp16: str | None = None
+    export_check_fp16: dict[str, float] = field(default_factory=dict)  # vs the fp32 PyTorch module
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ class Manifest:
     size_multiple: int  # height and width must be multiples of this
     decoder: str | None
     files: tuple[FileRecord, ...]
-    engines: tuple[dict[str, Any], ...] = ()
+    engines: tuple[dict[str, Any], ...] = ()  # built engines, see engine_records.EngineRecord
     source: dict[str, Any] = field(default_factory=dict)
     artrt_version: str = ""
 
@@ -143,12 +146,13 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
-def read_manifest(root: str | Path, verify_hashes: bool = True) -> Manifest:
+def read_manifest(root: str | Path, verify_hashes: bool = True, check_engines: bool = True) -> Manifest:
     """Read and validate a package directory's manifest.
 
     Checks the format version, that every listed file stays inside the package and
     exists with the recorded size (and sha256 when ``verify_hashes``), and that every
-    reference between sections resolves.
+    reference between sections resolves. ``check_engines=False`` skips the files of
+    built engines (``artrt build`` replaces broken ones instead of refusing the package).
     """
     root = Path(root)
     path = root / MANIFEST_NAME
@@ -164,9 +168,19 @@ def read_manifest(root: str | Path, verify_hashes: bool = True) -> Manifest:
         manifest = _parse(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise PackageError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
-    _check_references(manifest, path)
-    _check_files(root, manifest, verify_hashes)
+    _check_references(manifest, path, check_engines)
+    _check_files(root, manifest, verify_hashes, check_engines)
     return manifest
+
+
+def engine_files(manifest: Manifest) -> set[str]:
+    """The package paths that belong to built engines (plans, fused ONNX and their data)."""
+    return {p for record in manifest.engines for p in engine_files_of(record)}
+
+
+def engine_files_of(record: dict[str, Any]) -> list[str]:
+    """The files of one engine record of ``artrt.json``: its ``file`` and ``extra_files``."""
+    return [str(p) for p in (record.get("file"), *record.get("extra_files", ())) if p]
 
 
 def resolve(root: Path, relative: str) -> Path:
@@ -223,6 +237,8 @@ def _component(c: dict[str, Any]) -> Component:
         outputs=_tensors(c["outputs"]),
         tokenizer=c.get("tokenizer"),
         export_check=dict(c.get("export_check", {})),
+        onnx_fp16=c.get("onnx_fp16"),
+        export_check_fp16=dict(c.get("export_check_fp16", {})),
     )
 
 
@@ -230,12 +246,13 @@ def _conditioning(c: dict[str, Any]) -> Conditioning:
     return Conditioning(**{**c, "text_encoders": tuple(c["text_encoders"])})
 
 
-def _check_references(m: Manifest, path: Path) -> None:
+def _check_references(m: Manifest, path: Path, check_engines: bool = True) -> None:
     problems = []
     listed = {f.path for f in m.files}
     for comp in m.components.values():
-        if comp.onnx not in listed:
-            problems.append(f"component {comp.name!r} file {comp.onnx!r} is not in 'files'")
+        for onnx in (comp.onnx, comp.onnx_fp16):
+            if onnx is not None and onnx not in listed:
+                problems.append(f"component {comp.name!r} file {onnx!r} is not in 'files'")
         if comp.tokenizer is not None and comp.tokenizer not in m.tokenizers:
             problems.append(f"component {comp.name!r} names unknown tokenizer {comp.tokenizer!r}")
     for tok in m.tokenizers.values():
@@ -248,6 +265,10 @@ def _check_references(m: Manifest, path: Path) -> None:
             for n in names
             if n is not None and n not in m.components
         ]
+    for engine in m.engines if check_engines else ():
+        if engine.get("component") not in m.components:
+            problems.append(f"engine record names unknown component {engine.get('component')!r}")
+        problems += [f"engine file {p!r} is not in 'files'" for p in engine_files_of(engine) if p not in listed]
     if m.decoder is not None and m.decoder not in m.components:
         problems.append(f"decoder {m.decoder!r} is not a component")
     if len(m.experts) not in (1, 2):
@@ -256,19 +277,24 @@ def _check_references(m: Manifest, path: Path) -> None:
         raise PackageError(f"{path}: " + "; ".join(problems))
 
 
-def _check_files(root: Path, m: Manifest, verify_hashes: bool) -> None:
+def _check_files(root: Path, m: Manifest, verify_hashes: bool, check_engines: bool) -> None:
+    engines = engine_files(m)
     for record in m.files:
+        is_engine = record.path in engines
+        if is_engine and not check_engines:
+            continue
+        fix = f"rebuild it: artrt build {root} --rebuild" if is_engine else "re-export it"
         target = resolve(root, record.path)
         if not target.is_file():
-            raise PackageError(f"package file missing: {record.path} (in {root})")
+            raise PackageError(f"package file missing: {record.path} (in {root}); {fix}")
         size = target.stat().st_size
         if size != record.size:
             raise PackageError(
                 f"package file {record.path} has {size} bytes, manifest says {record.size}: "
-                "the package is corrupt or was modified; re-export it"
+                f"the package is corrupt or was modified; {fix}"
             )
         if verify_hashes and sha256_file(target) != record.sha256:
             raise PackageError(
                 f"package file {record.path} does not match its sha256 in {MANIFEST_NAME}: "
-                "the package is corrupt or was modified; re-export it"
+                f"the package is corrupt or was modified; {fix}"
             )

@@ -13,13 +13,14 @@ import numpy as np
 from PIL import Image
 
 import artrt
-from artrt.engines import Engine, create_engine, resolve_backend
+from artrt.engines import Engine
 
 from .conditioning import EncodedText, build_conditioning
 from .denoise import LoopBuffers, denoise
 from .errors import EngineError, InputError
 from .experts import history_resets, plan_experts
 from .images import save_png, to_pil
+from .loading import OpenEngines, choose_backend, open_engines
 from .package import Manifest, read_manifest, resolve
 from .samplers import plan_steps
 from .schedules import Sampler, ScheduleConfig
@@ -49,39 +50,42 @@ class GenerationResult:
 class Pipeline:
     """A loaded package: tokenizers, engines for every component, reusable loop buffers."""
 
-    def __init__(self, root: Path, manifest: Manifest, backend: str, engine_options: dict[str, Any]) -> None:
+    def __init__(self, root: Path, manifest: Manifest, opened: OpenEngines) -> None:
         self.root = root
         self.manifest = manifest
-        self.backend = backend
+        self.backend = opened.backend
         self.schedule = ScheduleConfig.from_diffusers(manifest.schedule)
         self.tokenizers = {
             name: PromptTokenizer(resolve(root, info.file), info) for name, info in manifest.tokenizers.items()
         }
-        self.engines: dict[str, Engine] = {}
-        try:
-            for name, comp in manifest.components.items():
-                engine = create_engine(backend, resolve(root, comp.onnx), name=name, **engine_options)
-                self.engines[name] = engine.activate()
-        except BaseException:
-            self.close()
-            raise
+        self._opened = opened
+        self.engines: dict[str, Engine] = opened.engines
         self._buffers: LoopBuffers | None = None
 
     @classmethod
     def load(
-        cls, path: str | Path, backend: str = "auto", threads: int | None = None, verify_hashes: bool = True
+        cls, path: str | Path, backend: str = "auto", threads: int | None = None, verify_hashes: bool = True,
+        cuda_graphs: bool = True,
     ) -> Pipeline:
-        """Validate the package at ``path`` and load every component on ``backend``."""
+        """Validate the package at ``path`` and load every component on ``backend``
+        (``auto``: TensorRT when the package has engines for it, else ONNX Runtime CUDA, else CPU).
+        ``cuda_graphs=False`` runs GPU steps without graph capture (for comparison)."""
         root = Path(path)
         manifest = read_manifest(root, verify_hashes=verify_hashes)
-        backend = resolve_backend(backend)
+        backend = choose_backend(backend, manifest)
         log.info("loading %s (%s) on %s", root, manifest.family, backend)
-        return cls(root, manifest, backend, {"threads": threads} if threads else {})
+        opened = open_engines(root, manifest, backend, threads, cuda_graphs)
+        try:
+            return cls(root, manifest, opened)
+        except BaseException:
+            opened.close()
+            raise
 
     def close(self) -> None:
-        for engine in self.engines.values():
-            engine.release()
-        self.engines.clear()
+        if self._buffers is not None:
+            self._buffers.release()
+            self._buffers = None
+        self._opened.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -134,7 +138,9 @@ class Pipeline:
                 expert.conditioning, encoded, not negative_prompt, num_images, args.height, args.width
             )
             buffers.set_conditioning(expert.name, engine, feeds)
-        final = denoise(engines, [e.name for e in experts], buffers, initial, plan.scalars, segments, rng, timings)
+        capture = self.backend == "trt"  # ORT captures its own graphs; the CPU has none
+        final = denoise(engines, [e.name for e in experts], buffers, initial, plan.scalars, segments, rng,
+                        timings, capture=capture)
         check_finite(final, "the final latents")
         images = self._decode(final, timings)
         timings["total"] = time.perf_counter() - started
@@ -168,7 +174,14 @@ class Pipeline:
 
     def _loop_buffers(self, shape: tuple[int, int, int, int]) -> LoopBuffers:
         if self._buffers is None or self._buffers.shape != shape:
-            self._buffers = LoopBuffers(shape)
+            if self._buffers is not None:
+                self._buffers.release()
+            memory = None
+            if self._opened.device == "cuda":
+                from .device_memory import DeviceMemory
+
+                memory = DeviceMemory(self._opened.stream)
+            self._buffers = LoopBuffers(shape, memory)
         return self._buffers
 
 

@@ -1,7 +1,7 @@
 """Shared fixtures: random tiny diffusers models built from configs and their packages.
 
 Everything is made on the CPU in a session-wide temporary directory; nothing is
-downloaded. Exporting the tiny models takes a few seconds.
+downloaded. Exporting the tiny models (fp32 and fp16 graphs) takes a few seconds.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def same_arch_package(models_dir, tmp_path_factory) -> Path:
     from artrt.export import export_package, load_same_arch
 
     out = tmp_path_factory.mktemp("packages") / "same-arch"
-    export_package(load_same_arch(models_dir / "base", models_dir / "detail_unet"), out, switch=0.6, steps=8)
+    sources = load_same_arch(models_dir / "base", models_dir / "detail_unet")
+    export_package(sources, out, switch=0.6, steps=8, fp16_vae=True)  # the SDXL package has no fp16 decoder
     return out
 
 

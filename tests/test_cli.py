@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from artrt.runtime.cli import main
 from artrt.runtime.images import read_parameters
 
@@ -129,16 +130,51 @@ def test_usage_errors_exit_2(capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "artrt.runtime.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("export", "generate", "info"):
+    for command in ("export", "build", "generate", "info"):
         assert command in out.stdout
+
+
+@pytest.mark.parametrize("command, options", [
+    ("build", ["--backend", "--height", "--batch", "--dynamic", "--min-size", "--max-size", "--max-batch",
+               "--opt-level", "--timing-cache", "--rebuild", "TensorRT"]),
+    ("export", ["--precision", "--fp16-vae", "fp16"]),
+])
+def test_subcommand_help(capsys, command, options):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in options:
+        assert option in out
+
+
+def test_build_errors(capsys, package_copy, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on a machine without TensorRT
+    code, _, err = _run(capsys, "build", package_copy, "--height", 32, "--width", 32)
+    _assert_one_line_error(code, err, "TensorRT is not installed")
+    code, _, err = _run(capsys, "build", package_copy, "--min-size", 16)
+    _assert_one_line_error(code, err, "--min-size only apply with --dynamic")
+    code, _, err = _run(capsys, "build", package_copy, "--height", 30)
+    _assert_one_line_error(code, err, "--height must be a positive multiple of 4")
+    code, _, err = _run(capsys, "build", tmp_path / "none")
+    _assert_one_line_error(code, err, "not found")
+    assert not (package_copy / "engines").exists()
+
+
+def test_info_lists_fp16_graphs_and_engines(capsys, package_copy):
+    code, out, _ = _run(capsys, "info", package_copy)
+    assert code == 0 and "ONNX fp16 - PyTorch fp32" in out and "none built" in out
 
 
 def test_export_cli_end_to_end(capsys, models_dir, tmp_path):
     out = tmp_path / "pkg"
     code, _, err = _run(capsys, "export", "--base", models_dir / "base", "--detail-unet",
-                        models_dir / "detail_unet", "--out", out, "--switch", "0.7")
+                        models_dir / "detail_unet", "--out", out, "--switch", "0.7", "--precision", "fp32")
     assert code == 0, err
     assert "max abs error" in err
+    manifest = json.loads((out / "artrt.json").read_text())
+    assert all(c["onnx_fp16"] is None for c in manifest["components"].values())
+    assert not list(out.glob("*/model_fp16.onnx"))
     code, _, err = _run(capsys, "export", "--base", models_dir / "base", "--detail-unet",
                         models_dir / "detail_unet", "--out", out)
     _assert_one_line_error(code, err, "already exists")

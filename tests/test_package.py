@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from artrt.runtime.errors import PackageError
 from artrt.runtime.package import MANIFEST_NAME, read_manifest
 
@@ -20,6 +21,7 @@ def test_manifest_lists_every_file_with_its_hash(sdxl_package):
     m = read_manifest(sdxl_package)
     names = {f.path for f in m.files}
     assert {c.onnx for c in m.components.values()} <= names
+    assert {c.onnx_fp16 for c in m.components.values() if c.kind != "vae_decoder"} <= names  # fp16 by default
     assert {t.file for t in m.tokenizers.values()} <= names
     assert m.family == "sdxl-ensemble"
     assert [e.name for e in m.experts] == ["composition", "detail"]

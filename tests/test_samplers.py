@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from artrt.runtime.errors import ConfigError, InputError
-from artrt.runtime.samplers import STEP_SCALARS, plan_steps
-from artrt.runtime.schedules import Sampler, ScheduleConfig
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
 )
+
+from artrt.runtime.errors import ConfigError, InputError
+from artrt.runtime.samplers import STEP_SCALARS, plan_steps
+from artrt.runtime.schedules import Sampler, ScheduleConfig
 
 SHAPE = (1, 4, 8, 8)
 SCHEDULERS = {

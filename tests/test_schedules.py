@@ -6,6 +6,14 @@ import json
 
 import numpy as np
 import pytest
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from test_samplers import CASES, diffusers_scheduler
+
 from artrt.runtime.errors import ConfigError, InputError
 from artrt.runtime.samplers import plan_steps
 from artrt.runtime.schedules import (
@@ -17,13 +25,6 @@ from artrt.runtime.schedules import (
     alphas_cumprod,
     betas,
 )
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
-from test_samplers import CASES, diffusers_scheduler
 
 # stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json
 SDXL_SCHEDULER = {

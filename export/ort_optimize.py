@@ -1,0 +1,141 @@
+"""Fuse a component's ONNX graph for ONNX Runtime's CUDA execution provider.
+
+:func:`optimize_for_cuda` runs the ``onnxruntime.transformers`` offline fusions
+(python pattern matching only: ``opt_level=0``, so ONNX Runtime's own graph optimizer
+still runs when the session loads). The fused graph holds ``com.microsoft`` contrib ops
+(``NhwcConv``, ``BiasSplitGelu``, ``BiasAdd``, ``SkipLayerNormalization``, ...) whose
+kernels and layouts are chosen for the CUDA EP: **a fused file runs only on the EP it
+was made for** (``ort-cuda``); ORT CPU keeps the plain fp32 ONNX.
+
+The input is the exporter's graph as it is: fp16 graphs are already half precision
+(traced from the half module) and are not converted again, so the fused step keeps its
+fp32 latents, ``step`` scalars and sampler update; the check after fusing refuses a
+result whose input or output names or dtypes changed. Needs ``onnx`` and
+``onnxruntime`` only (no torch), so ``artrt build`` can run it.
+
+Known limits of the fusions on half-precision traces (onnxruntime 1.32): the GroupNorm
+fusions write fp16 weights into fp32 initializers and fail, so they are off for fp16
+graphs; the UNet attention matcher expects fp32 traces (the fp16 trace has extra Casts
+on the attention scale), so fp16 UNets keep unfused attention.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from artrt.runtime.errors import ArtrtError, InputError
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = ("unet", "clip", "vae")
+# Above this many bytes of weights the fused graph is saved with external data (as the exporter does).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+class OptimizeError(ArtrtError):
+    """The ONNX Runtime transformers optimizer failed or changed the graph's interface."""
+
+
+def optimize_for_cuda(src: Path, dst: Path, model_type: str) -> Path:
+    """Fuse ``src`` for the CUDA EP and write it to ``dst`` (+ ``dst.data`` when large).
+
+    ``model_type`` is ``"unet"`` (a fused step), ``"clip"`` (a text encoder) or ``"vae"``
+    (the decoder). Returns ``dst``. Logs the fused operators it produced.
+    """
+    import onnx
+
+    if model_type not in MODEL_TYPES:
+        raise InputError(f"unknown model type {model_type!r}; choose from {', '.join(MODEL_TYPES)}")
+    src, dst = Path(src), Path(dst)
+    source = onnx.load(str(src), load_external_data=False)
+    fp16 = _has_fp16_weights(source)
+    options = fusion_options(model_type, fp16)
+    try:
+        optimized = _fuse(src, model_type, options)
+    except Exception as exc:  # the fusions raise assorted errors on graphs they misread
+        if not options.enable_attention:
+            raise OptimizeError(f"{src.name}: onnxruntime's {model_type} optimizer failed: {exc}") from None
+        # e.g. FusionAttentionUnet calls int() on a 1-element array, an error since numpy 2.4.
+        log.warning("%s: attention fusion failed (%s); fusing without it", src.name, exc)
+        options.enable_attention = False
+        try:
+            optimized = _fuse(src, model_type, options)
+        except Exception as exc2:
+            raise OptimizeError(f"{src.name}: onnxruntime's {model_type} optimizer failed: {exc2}") from None
+    _check_interface(source, optimized.model, src.name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    large = _weight_bytes(optimized.model) > EXTERNAL_DATA_THRESHOLD
+    optimized.save_model_to_file(str(dst), use_external_data_format=large)
+    log.info("%s: fused for the CUDA EP (%s): %s", src.name, "fp16" if fp16 else "fp32",
+             fused_operators(optimized.model) or "no contrib ops")
+    return dst
+
+
+def _fuse(src: Path, model_type: str, options: Any) -> Any:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    return optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                          use_gpu=True, optimization_options=options)
+
+
+def fusion_options(model_type: str, fp16: bool) -> Any:
+    """The ``FusionOptions`` for one component: the defaults of ``model_type``, less the
+    fusions that fail on, or do not suit, the graph's precision."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions(model_type)
+    if fp16:
+        # FusionGroupNorm stores the (fp16) weights as float initializers: raw size mismatch.
+        options.enable_group_norm = False
+        options.enable_skip_group_norm = False
+    else:
+        # Packed QKV/KV only pay off with the fp16 fused-attention kernels (ORT's SD pipeline does the same).
+        options.enable_packed_qkv = False
+        options.enable_packed_kv = False
+    return options
+
+
+def fused_operators(model: Any) -> dict[str, int]:
+    """Count of each ``com.microsoft`` contrib op in an ONNX model (the fused operators)."""
+    counts = Counter(n.op_type for n in model.graph.node if n.domain == CONTRIB_DOMAIN)
+    return dict(sorted(counts.items()))
+
+
+def interface(model: Any) -> list[tuple[str, str, int]]:
+    """``(kind, name, elem_type)`` of a model's graph inputs (initializers excluded) and outputs."""
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [("input", v.name, v.type.tensor_type.elem_type) for v in model.graph.input if v.name not in initializers]
+    outputs = [("output", v.name, v.type.tensor_type.elem_type) for v in model.graph.output]
+    return inputs + outputs
+
+
+def _check_interface(before: Any, after: Any, name: str) -> None:
+    if interface(before) != interface(after):
+        raise OptimizeError(
+            f"{name}: the optimizer changed the graph's inputs/outputs "
+            f"from {interface(before)} to {interface(after)}"
+        )
+
+
+def _has_fp16_weights(model: Any) -> bool:
+    from onnx import TensorProto
+
+    return any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+def _weight_bytes(model: Any) -> int:
+    import numpy as np
+    from onnx import helper
+
+    total = 0
+    for tensor in model.graph.initializer:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+__all__ = ["MODEL_TYPES", "OptimizeError", "fused_operators", "fusion_options", "optimize_for_cuda"]

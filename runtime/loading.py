@@ -1,0 +1,111 @@
+"""Open every component of a package on one backend.
+
+CPU: one ONNX Runtime session per component. GPU: the engines share one CUDA stream,
+and TensorRT engines share one activation (scratch) block sized to the largest, since
+the components run one after another and never at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from artrt.engines import BACKENDS, Engine, create_engine, resolve_backend
+
+from .engine_records import component_file
+from .package import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenEngines:
+    """The engines of a package by component name, with their shared GPU resources."""
+
+    backend: str
+    engines: dict[str, Engine]
+    stream: Any = None
+    scratch: Any = None
+
+    @property
+    def device(self) -> str:
+        return next(iter(self.engines.values())).device if self.engines else "cpu"
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.release()
+        self.engines.clear()
+        for resource in (self.scratch, self.stream):
+            if resource is not None:
+                resource.free() if hasattr(resource, "free") else resource.destroy()
+        self.scratch = self.stream = None
+
+
+def choose_backend(requested: str, manifest: Manifest) -> str:
+    """Resolve ``auto`` (TensorRT only when the package has engines built for it) and check names."""
+    has_plans = any(_record_backend(record) == "trt" for record in manifest.engines)
+    candidates = tuple(b for b in BACKENDS if b != "trt" or has_plans)
+    backend = resolve_backend(requested, candidates)
+    if requested == "auto":
+        log.info("backend auto -> %s", backend)
+    return backend
+
+
+def _record_backend(record: Any) -> str | None:
+    return record.get("backend") if isinstance(record, dict) else getattr(record, "backend", None)
+
+
+def _system_info() -> Any:
+    import tensorrt
+
+    from artrt.engines.cuda import device_info
+    from artrt.engines.trt import tensorrt_installed
+
+    if not tensorrt_installed():
+        from .errors import EngineError
+
+        raise EngineError("TensorRT is not installed (only its type stubs are)")
+
+    from .engine_records import SystemInfo
+
+    return SystemInfo(tensorrt.__version__, device_info().compute_capability)
+
+
+def open_engines(
+    root: Path, manifest: Manifest, backend: str, threads: int | None = None, cuda_graphs: bool = True
+) -> OpenEngines:
+    """Create and activate one engine per component; on failure release what was opened."""
+    opened = OpenEngines(backend, {})
+    options: dict[str, Any] = {}
+    try:
+        if backend == "ort-cpu":
+            options = {"threads": threads} if threads else {}
+        else:
+            from artrt.engines.cuda import Stream
+
+            opened.stream = Stream()
+            options = {"stream": opened.stream}
+            if backend == "ort-cuda":
+                options["cuda_graph"] = cuda_graphs
+        system = _system_info() if backend == "trt" else None
+        for name in manifest.components:
+            path = component_file(root, manifest, name, backend, system=system)
+            opened.engines[name] = create_engine(backend, path, name=name, **options).activate()
+        if backend == "trt":
+            _share_scratch(opened)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def _share_scratch(opened: OpenEngines) -> None:
+    from artrt.engines.cuda import DeviceArray
+
+    size = max(engine.scratch_size for engine in opened.engines.values())  # type: ignore[attr-defined]
+    opened.scratch = DeviceArray.empty((max(size, 1),), "uint8")
+    for engine in opened.engines.values():
+        engine.set_scratch(opened.scratch)  # type: ignore[attr-defined]
+    log.info("TensorRT engines share %.1f MiB of activation memory", size / 2**20)
