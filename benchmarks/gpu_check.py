@@ -148,6 +148,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    import onnxruntime
+    import torch  # loads the CUDA 13 / cuDNN 9 libraries that onnxruntime-gpu's CUDA EP needs
+
+    if hasattr(onnxruntime, "preload_dlls"):
+        onnxruntime.preload_dlls()
+    log.info("torch %s (cuda %s), onnxruntime %s providers %s", torch.__version__, torch.version.cuda,
+             onnxruntime.__version__, onnxruntime.get_available_providers())
     from artrt.engines.cuda import device_info
 
     results: dict = {"device": device_info().__dict__, "date": time.strftime("%Y-%m-%d"), "host": platform.node()}
