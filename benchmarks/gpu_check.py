@@ -34,7 +34,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def make_package(work: Path, size: str) -> Path:
+def make_package(work: Path, size: str, px: int) -> Path:
     from artrt.export import export_package, load_sdxl_ensemble
     from artrt.export.build import BuildRequest, build_engines
     from artrt.export.random_models import make_sdxl_pair
@@ -43,7 +43,7 @@ def make_package(work: Path, size: str) -> Path:
     package = work / "package"
     export_package(load_sdxl_ensemble(work / "models" / "base", work / "models" / "refiner"), package,
                    overwrite=True)
-    build_engines(package, BuildRequest(backend="ort-cuda"))
+    build_engines(package, BuildRequest(backend="ort-cuda", height=px, width=px, batch=1))  # static shapes
     return package
 
 
@@ -158,7 +158,7 @@ def main() -> None:
     from artrt.engines.cuda import device_info
 
     results: dict = {"device": device_info().__dict__, "date": time.strftime("%Y-%m-%d"), "host": platform.node()}
-    package = make_package(args.work, args.size)
+    package = make_package(args.work, args.size, args.px)
     settings = {"steps": args.steps, "guidance": 5.0, "switch": 0.8, "sampler": "euler",
                 "height": args.px, "width": args.px}
     results["settings"] = {**settings, "model": f"random {args.size} SDXL pair"}

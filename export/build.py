@@ -148,7 +148,10 @@ def build_engines(package: str | Path, request: BuildRequest) -> Manifest:
         if request.backend == "trt":
             record = _build_plan(root, manifest, name, profile, request, system, cache)
         else:
-            record = _build_fused(root, manifest, name, system)
+            dims = None
+            if request.dynamic is None and manifest.components[name].kind == "fused_step":
+                dims = {k: v[1] for k, v in dimension_ranges(manifest, height, width, request.batch).items()}
+            record = _build_fused(root, manifest, name, system, dims)
         manifest = with_record(root, manifest, record)
         write_manifest(root, manifest)
         log.info("%s: wrote %s (%.1f MB) in %.1f s", name, record.file, record.size / 1e6, time.perf_counter() - step)
@@ -210,8 +213,28 @@ def _build_plan(root, manifest, name, profile, request: BuildRequest, system: Sy
                        opt_level=request.opt_level)
 
 
-def _build_fused(root: Path, manifest: Manifest, name: str, system: SystemInfo) -> EngineRecord:
-    """Fuse into a scratch folder, then move the files (graph + any external data) into place."""
+def _fix_dims(source: Path, dims: dict[str, int], dst: Path) -> Path:
+    """Copy of ``source`` with its symbolic dimensions set: shape arithmetic then folds away,
+    every node lands on the CUDA EP and ONNX Runtime can capture the step in a CUDA graph."""
+    import onnx
+
+    model = onnx.load(str(source), load_external_data=True)
+    for value in (*model.graph.input, *model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in dims:
+                dim.dim_value = dims[dim.dim_param]
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > 1 << 30
+    onnx.save_model(model, str(dst), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=dst.name + ".data")
+    return dst
+
+
+def _build_fused(
+    root: Path, manifest: Manifest, name: str, system: SystemInfo, dims: dict[str, int] | None = None
+) -> EngineRecord:
+    """Fuse into a scratch folder, then move the files (graph + any external data) into place.
+
+    With ``dims`` (static builds of expert steps) the graph is first fixed to those shapes."""
     from .ort_optimize import optimize_for_cuda
 
     engines = root / ENGINE_DIR
@@ -220,6 +243,9 @@ def _build_fused(root: Path, manifest: Manifest, name: str, system: SystemInfo) 
     scratch.mkdir(parents=True)
     try:
         source = resolve(root, source_onnx(manifest, name))
+        if dims is not None:
+            (scratch / "static").mkdir()
+            source = _fix_dims(source, dims, scratch / "static" / "model.onnx")
         out = Path(optimize_for_cuda(source, scratch / Path(engine_file_name(name, "ort-cuda")).name,
                                      MODEL_TYPES[manifest.components[name].kind]))
         produced = sorted(p.name for p in scratch.iterdir() if p.is_file())
@@ -228,8 +254,12 @@ def _build_fused(root: Path, manifest: Manifest, name: str, system: SystemInfo) 
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     extra = [f"{ENGINE_DIR}/{f}" for f in produced if f != out.name]
+    profile = None
+    if dims is not None:
+        profile = {i.name: [[dims.get(d, d) if isinstance(d, str) else d for d in i.shape]] * 3
+                   for i in manifest.components[name].inputs}
     return make_record(root, manifest, name, "ort-cuda", f"{ENGINE_DIR}/{out.name}", system=system,
-                       extra_files=extra)
+                       extra_files=extra, profile=profile)
 
 
 __all__ = ["BuildRequest", "DynamicRange", "build_engines", "build_reasons", "dimension_ranges", "plan_profiles"]

@@ -10,13 +10,19 @@ was made for** (``ort-cuda``); ORT CPU keeps the plain fp32 ONNX.
 The input is the exporter's graph as it is: fp16 graphs are already half precision
 (traced from the half module) and are not converted again, so the fused step keeps its
 fp32 latents, ``step`` scalars and sampler update; the check after fusing refuses a
-result whose input or output names or dtypes changed. Needs ``onnx`` and
-``onnxruntime`` only (no torch), so ``artrt build`` can run it.
+result whose input or output names or dtypes changed. This module imports no torch
+(only onnx and onnxruntime).
 
-Known limits of the fusions on half-precision traces (onnxruntime 1.32): the GroupNorm
-fusions write fp16 weights into fp32 initializers and fail, so they are off for fp16
-graphs; the UNet attention matcher expects fp32 traces (the fp16 trace has extra Casts
-on the attention scale), so fp16 UNets keep unfused attention.
+What the fusions do here (onnxruntime 1.32 optimizer, checked on tiny graphs):
+- fp16 UNet step: NhwcConv, SkipLayerNormalization, Gelu (and BiasSplitGelu, BiasAdd at
+  Stable Diffusion widths). The GroupNorm fusions write fp16 weights into float
+  initializers and fail, so they are off for fp16 graphs; the attention matcher does not
+  recognise the fp16 trace (extra Casts on the attention scale), so attention stays unfused.
+- fp16 CLIP: BiasGelu, SkipLayerNormalization. fp32 VAE: NhwcConv, GroupNorm, SkipGroupNorm.
+- Some CUDA kernels take only Stable Diffusion's widths (:data:`SIZE_LIMITED`); a fusion
+  that produced an op its kernel would reject at run time is turned off and the graph
+  fused again. A failing attention fusion (numpy >= 2.4 breaks FusionAttentionUnet on
+  fp32 graphs) is likewise turned off, with a warning.
 """
 
 from __future__ import annotations
@@ -34,6 +40,16 @@ MODEL_TYPES = ("unet", "clip", "vae")
 # Above this many bytes of weights the fused graph is saved with external data (as the exporter does).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 CONTRIB_DOMAIN = "com.microsoft"
+# Fused ops whose CUDA kernels take only some widths (onnxruntime/contrib_ops/cuda/diffusion/*.cc,
+# 1.31): op -> the fusion option that makes it and the widths (bias / gamma length) it accepts;
+# None for GroupNorm, whose limit depends on the groups (see _group_norm_accepts).
+SIZE_LIMITED: dict[str, tuple[str, frozenset[int] | None]] = {
+    "BiasSplitGelu": ("enable_bias_splitgelu", frozenset({2560, 5120, 6144, 10240, 12288})),
+    "BiasAdd": ("enable_bias_add", frozenset({320, 640, 1280})),
+    "GroupNorm": ("enable_group_norm", None),
+    "SkipGroupNorm": ("enable_skip_group_norm", None),
+}
+GROUP_NORM_BLOCK_SIZES = (128, 256, 320, 384, 512)  # kSizes in group_norm_common_base.h
 
 
 class OptimizeError(ArtrtError):
@@ -53,19 +69,7 @@ def optimize_for_cuda(src: Path, dst: Path, model_type: str) -> Path:
     src, dst = Path(src), Path(dst)
     source = onnx.load(str(src), load_external_data=False)
     fp16 = _has_fp16_weights(source)
-    options = fusion_options(model_type, fp16)
-    try:
-        optimized = _fuse(src, model_type, options)
-    except Exception as exc:  # the fusions raise assorted errors on graphs they misread
-        if not options.enable_attention:
-            raise OptimizeError(f"{src.name}: onnxruntime's {model_type} optimizer failed: {exc}") from None
-        # e.g. FusionAttentionUnet calls int() on a 1-element array, an error since numpy 2.4.
-        log.warning("%s: attention fusion failed (%s); fusing without it", src.name, exc)
-        options.enable_attention = False
-        try:
-            optimized = _fuse(src, model_type, options)
-        except Exception as exc2:
-            raise OptimizeError(f"{src.name}: onnxruntime's {model_type} optimizer failed: {exc2}") from None
+    optimized = _fuse(src, model_type, fusion_options(model_type, fp16))
     _check_interface(source, optimized.model, src.name)
     dst.parent.mkdir(parents=True, exist_ok=True)
     large = _weight_bytes(optimized.model) > EXTERNAL_DATA_THRESHOLD
@@ -76,10 +80,60 @@ def optimize_for_cuda(src: Path, dst: Path, model_type: str) -> Path:
 
 
 def _fuse(src: Path, model_type: str, options: Any) -> Any:
+    """``optimize_model`` with ``options``, less the fusions that fail on this graph or
+    whose CUDA kernels reject its sizes (each is turned off and the graph fused again)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    return optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-                          use_gpu=True, optimization_options=options)
+    while True:
+        try:
+            fused = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                                   use_gpu=True, optimization_options=options)
+        except Exception as exc:  # the fusions raise assorted errors on graphs they misread
+            if not options.enable_attention:
+                raise OptimizeError(f"{src.name}: onnxruntime's {model_type} optimizer failed: {exc}") from None
+            # e.g. FusionAttentionUnet calls int() on a 1-element array, an error since numpy 2.4.
+            log.warning("%s: attention fusion failed (%s); fusing without it", src.name, exc)
+            options.enable_attention = False
+            continue
+        rejected = {op: n for op, n in unsupported_sizes(fused.model).items() if getattr(options, SIZE_LIMITED[op][0])}
+        if not rejected:
+            return fused
+        log.info("%s: not fusing %s: the CUDA kernels do not take sizes %s", src.name, sorted(rejected), rejected)
+        for op in rejected:
+            setattr(options, SIZE_LIMITED[op][0], False)
+
+
+def unsupported_sizes(model: Any) -> dict[str, list[str]]:
+    """Fused ops whose width (bias or gamma length, and groups) their CUDA kernel rejects."""
+    widths = {i.name: int(i.dims[0]) if len(i.dims) == 1 else -1 for i in model.graph.initializer}
+    found: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        if node.domain != CONTRIB_DOMAIN or node.op_type not in SIZE_LIMITED or len(node.input) < 2:
+            continue
+        width, accepted = widths.get(node.input[1], -1), SIZE_LIMITED[node.op_type][1]
+        if accepted is not None and width not in accepted:
+            found.setdefault(node.op_type, set()).add(str(width))
+        if accepted is None:
+            groups = next((a.i for a in node.attribute if a.name == "groups"), 0)
+            if not _group_norm_accepts(width, groups):
+                found.setdefault(node.op_type, set()).add(f"{width} channels in {groups} groups")
+    return {op: sorted(v) for op, v in found.items()}
+
+
+def _group_norm_accepts(channels: int, groups: int) -> bool:
+    """ORT's CUDA GroupNorm check: even channels per group that fit its channels-per-block choice."""
+    if channels <= 0 or groups <= 0 or channels % groups:
+        return False
+    per_group = channels // groups
+    per_block = per_group
+    if per_group < GROUP_NORM_BLOCK_SIZES[-1] // 2:  # FindChannelsPerBlock: least idle threads
+        costs = []
+        for size in GROUP_NORM_BLOCK_SIZES:
+            if size >= per_group:
+                block = size // per_group * per_group
+                costs.append(((channels + block - 1) // block * size - channels, -size, block))
+        per_block = min(costs)[2]
+    return per_block % per_group == 0 and per_block <= GROUP_NORM_BLOCK_SIZES[-1] and per_group % 2 == 0
 
 
 def fusion_options(model_type: str, fp16: bool) -> Any:
@@ -138,4 +192,6 @@ def _weight_bytes(model: Any) -> int:
     return total
 
 
-__all__ = ["MODEL_TYPES", "OptimizeError", "fused_operators", "fusion_options", "optimize_for_cuda"]
+__all__ = [
+    "MODEL_TYPES", "OptimizeError", "fused_operators", "fusion_options", "optimize_for_cuda", "unsupported_sizes",
+]

@@ -15,6 +15,7 @@ from typing import Any
 from artrt.engines import BACKENDS, Engine, create_engine, resolve_backend
 
 from .engine_records import component_file
+from .errors import EngineError
 from .package import Manifest
 
 log = logging.getLogger(__name__)
@@ -87,18 +88,30 @@ def open_engines(
 
             opened.stream = Stream()
             options = {"stream": opened.stream}
-            if backend == "ort-cuda":
-                options["cuda_graph"] = cuda_graphs
         system = _system_info() if backend == "trt" else None
-        for name in manifest.components:
+        for name, comp in manifest.components.items():
             path = component_file(root, manifest, name, backend, system=system)
-            opened.engines[name] = create_engine(backend, path, name=name, **options).activate()
+            own = dict(options)
+            if backend == "ort-cuda":  # graphs pay off only in the loop, and need every node on the GPU
+                own["cuda_graph"] = cuda_graphs and comp.kind == "fused_step"
+            opened.engines[name] = _activate(backend, path, name, own)
         if backend == "trt":
             _share_scratch(opened)
     except BaseException:
         opened.close()
         raise
     return opened
+
+
+def _activate(backend: str, path: Path, name: str, options: dict[str, Any]) -> Engine:
+    """Activate one engine; an ONNX Runtime graph that cannot be captured runs uncaptured."""
+    try:
+        return create_engine(backend, path, name=name, **options).activate()
+    except EngineError as exc:
+        if not options.get("cuda_graph") or "graph capture" not in str(exc):
+            raise
+        log.warning("%s: CUDA graph capture unavailable (%s); running it without graphs", name, exc)
+        return create_engine(backend, path, name=name, **{**options, "cuda_graph": False}).activate()
 
 
 def _share_scratch(opened: OpenEngines) -> None:

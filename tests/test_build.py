@@ -213,7 +213,10 @@ def test_ort_cuda_build_records_fused_graphs(package_copy, monkeypatch):
     m = read_manifest(package_copy)
     record = find_record(m, "expert_detail", "ort-cuda")
     assert record.file == "engines/expert_detail.cuda.onnx" and record.precision == "fp16"
-    assert record.extra_files == ("engines/expert_detail.cuda.onnx.data",) and not record.profile
+    assert record.extra_files == ("engines/expert_detail.cuda.onnx.data",)
+    # Static by default: the expert step is fixed to the default size so ORT can capture it.
+    assert record.profile["sample"] == ((1, 4, 16, 16),) * 3
+    assert not find_record(m, "vae_decoder", "ort-cuda").profile
     assert (package_copy / record.file).read_bytes().endswith(b"unet")
     assert component_file(package_copy, m, "expert_detail", "ort-cuda") == package_copy / record.file
     assert not list((package_copy / "engines").glob(".*"))  # no scratch left
