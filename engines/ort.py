@@ -26,7 +26,23 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class OrtCpuEngine(Engine):
+class OrtSessionEngine(Engine):
+    """What the ONNX Runtime backends share: a session and the tensors it describes."""
+
+    _session: Any = None
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        self._require_active()
+        return tuple(tensor_spec(node) for node in self._session.get_inputs())
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        self._require_active()
+        return tuple(tensor_spec(node) for node in self._session.get_outputs())
+
+
+class OrtCpuEngine(OrtSessionEngine):
     """Runs an ONNX file with ``onnxruntime`` on the CPU.
 
     Bound runs use IO binding on the caller's numpy buffers, so a denoising step
@@ -58,16 +74,6 @@ class OrtCpuEngine(Engine):
     def _release(self) -> None:
         self._session = None
 
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        self._require_active()
-        return tuple(_spec(node) for node in self._session.get_inputs())
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        self._require_active()
-        return tuple(_spec(node) for node in self._session.get_outputs())
-
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._session.get_outputs()]
         try:
@@ -93,7 +99,8 @@ class OrtCpuEngine(Engine):
             raise EngineError(f"{self.name}: onnxruntime failed: {exc}") from None
 
 
-def _spec(node: Any) -> TensorSpec:
+def tensor_spec(node: Any) -> TensorSpec:
+    """An ONNX Runtime NodeArg as a TensorSpec."""
     if node.type not in _ORT_TYPES:
         raise EngineError(f"graph tensor {node.name!r} has unsupported type {node.type}")
     shape = tuple(d if isinstance(d, int) else str(d) for d in node.shape)

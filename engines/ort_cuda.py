@@ -31,8 +31,7 @@ import numpy as np
 
 from artrt.runtime.errors import EngineError
 
-from .base import Engine, TensorSpec
-from .ort import _spec
+from .ort import OrtSessionEngine
 
 CUDA_EP = "CUDAExecutionProvider"
 GRAPH_ID_KEY = "gpu_graph_id"  # run option: which captured graph a run uses; -1 = none
@@ -93,7 +92,7 @@ class CudaBinding:
     graph_id: int  # -1 when CUDA graphs are off
 
 
-class OrtCudaEngine(Engine):
+class OrtCudaEngine(OrtSessionEngine):
     """Runs an (fp16, optionally CUDA-fused) ONNX file with ONNX Runtime's CUDA EP."""
 
     backend = "ort-cuda"
@@ -141,17 +140,6 @@ class OrtCudaEngine(Engine):
             f"{self.name}: onnxruntime-gpu with a working CUDA EP is required for ort-cuda; installed "
             f"onnxruntime {ort.__version__} has providers {ort.get_available_providers()}{session}"
         )
-
-    # -- description ------------------------------------------------------------
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        self._require_active()
-        return tuple(_spec(node) for node in self._session.get_inputs())
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        self._require_active()
-        return tuple(_spec(node) for node in self._session.get_outputs())
 
     # -- running ----------------------------------------------------------------
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
