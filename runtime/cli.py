@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_generate(sub)
     _add_info(sub)
+    from . import bench
+
+    bench.add_parser(sub)
     return parser
 
 
@@ -237,7 +240,13 @@ def _engine_lines(m) -> list[str]:
     return lines
 
 
-COMMANDS = {"export": run_export, "build": run_build, "generate": run_generate, "info": run_info}
+def run_bench(args: argparse.Namespace) -> None:
+    from . import bench
+
+    bench.run(args)
+
+
+COMMANDS = {"export": run_export, "build": run_build, "generate": run_generate, "info": run_info, "bench": run_bench}
 
 
 def _configure_logging(quiet: bool) -> None:

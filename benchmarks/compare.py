@@ -1,0 +1,172 @@
+"""artrt against the peers a user would pick instead, in one run on one machine.
+
+    python benchmarks/compare.py --workload small --out benchmarks/results/
+
+Builds the random SDXL base + refiner pair of the workload from configs
+(``artrt.export.random_models``; cached under ``--work``), exports it for artrt and for
+optimum, then times end-to-end generation (prompt to decoded image) of every peer with the
+same latents, prompt, steps, switch, guidance, Euler sampler and thread count. Runs are
+interleaved (one run of each peer per round) so drift in the machine's speed hits every
+peer alike. Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``--out``. A peer
+that fails is recorded with the reason, and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from peers import PEERS, PROMPT, Settings
+from report import write_outputs
+
+from artrt.runtime.bench import stage_values
+from artrt.runtime.bench_report import machine_info, summarize
+
+log = logging.getLogger("benchmarks")
+EXPERTS = [("composition", "expert_composition"), ("detail", "expert_detail")]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", choices=("tiny", "small"), default="tiny", help="random SDXL pair size")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--size", type=int, default=256, help="image height and width in pixels (default 256)")
+    p.add_argument("--switch", type=float, default=0.8)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--runs", type=int, default=3, help="timed runs per peer after warm-up (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per peer (default 1)")
+    p.add_argument("--threads", type=int, help="threads for every peer (default: usable cores)")
+    p.add_argument("--peers", nargs="+", choices=sorted(PEERS), default=list(PEERS))
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared latents")
+    p.add_argument("--work", type=Path, default=Path("build/bench"), help="cache of models and exports")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    return p.parse_args(argv)
+
+
+def make_models(workload: str, folder: Path) -> Path:
+    if not (folder / "base" / "model_index.json").is_file():
+        from artrt.export.random_models import make_sdxl_pair
+
+        log.info("building the random %s SDXL pair in %s", workload, folder)
+        make_sdxl_pair(folder, size=workload, seed=0)
+    return folder
+
+
+def latent_scale(models: Path) -> int:
+    """Pixels per latent pixel: the VAE halves the size once per block after the first."""
+    config = json.loads((models / "base" / "vae" / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def prepare(names: list[str], models: Path, work: Path, settings: Settings, threads: int) -> tuple[dict, dict]:
+    """Load every peer; returns ``(peers, results)`` where failed peers have only an error."""
+    peers, results = {}, {}
+    for key in names:
+        peer = PEERS[key](models, settings)
+        try:
+            started = time.perf_counter()
+            peer.prepare(work, threads)
+            results[key] = {"name": peer.name, "load_s": time.perf_counter() - started, "times": []}
+            peers[key] = peer
+        except Exception as exc:  # a peer that cannot run is a result, not a crash
+            log.exception("%s cannot run", peer.name)
+            results[key] = {"name": peer.name, "error": f"{type(exc).__name__}: {exc}"}
+    return peers, results
+
+
+def timed_rounds(peers: dict, results: dict, latents: np.ndarray, warmup: int, runs: int) -> dict[str, np.ndarray]:
+    """Warm-up and timed runs, interleaved by round; returns each peer's last image."""
+    images: dict[str, np.ndarray] = {}
+    for round_ in range(warmup + runs):
+        for key, peer in list(peers.items()):
+            if hasattr(peer, "timer"):
+                peer.timer.take()
+            started = time.perf_counter()
+            try:
+                images[key] = peer.run(latents)
+            except Exception as exc:
+                log.exception("%s failed", peer.name)
+                results[key]["error"] = f"{type(exc).__name__}: {exc}"
+                del peers[key]
+                continue
+            seconds = time.perf_counter() - started
+            log.info("round %d/%d %-22s %.3f s%s", round_ + 1, warmup + runs, peer.name, seconds,
+                     " (warm-up)" if round_ < warmup else "")
+            if round_ >= warmup:
+                results[key]["times"].append(seconds)
+                if hasattr(peer, "timer"):
+                    sample = {"e2e": seconds, "timings": peer.last_timings, "calls": peer.timer.take()}
+                    results[key].setdefault("stages", []).append(stage_values(sample, EXPERTS))
+    return images
+
+
+def summarize_results(results: dict, images: dict[str, np.ndarray]) -> None:
+    """p50/p90 per peer, artrt's floor and overhead, image agreement with diffusers, ratios."""
+    reference = images.get("diffusers")
+    for key, r in results.items():
+        if r.get("times"):
+            r.update(summarize(r["times"]))
+        stages = r.pop("stages", None)
+        if stages:
+            for stage in ("floor", "host_overhead", "host_overhead_pct"):
+                r[stage] = summarize([s[stage] for s in stages])["p50"]
+        if reference is not None and key in images:
+            r["psnr_vs_diffusers_db"] = psnr(images[key], reference)
+    ours = results.get("artrt", {}).get("p50")
+    for key, r in results.items():
+        if ours and r.get("p50") and key != "artrt":
+            r["artrt_speedup"] = r["p50"] / ours  # > 1: artrt is faster
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("artrt", "onnxruntime", "torch", "diffusers", "transformers", "optimum-onnx"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
+    if a.shape != b.shape:
+        return None
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    threads = args.threads or machine_info()["cores"]
+    settings = Settings(args.steps, args.size, args.size, args.switch, args.guidance)
+    work = args.work / args.workload
+    machine = {**machine_info(), "versions": versions()}  # load average before: other work skews every peer
+    models = make_models(args.workload, work / "models")
+    peers, results = prepare(args.peers, models, work, settings, threads)
+    scale = latent_scale(models)
+    shape = (1, 4, args.size // scale, args.size // scale)
+    latents = np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32)
+    images = timed_rounds(peers, results, latents, args.warmup, args.runs)
+    summarize_results(results, images)
+    machine["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    name = f"{args.workload}-{args.size}px-{args.steps}steps"
+    settings_record = {**vars(settings), "sampler": "euler", "threads": threads, "runs": args.runs,
+                       "warmup": args.warmup, "seed": args.seed, "workload": args.workload, "prompt": PROMPT}
+    report = {"benchmark": name, "machine": machine, "settings": settings_record, "peers": results}
+    for path in write_outputs(report, args.out, name):
+        log.info("wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Statistics and output of ``artrt bench``: percentiles, least-squares fits, machine stamp,
+the readable table and the JSON document. Plain numpy; no timing happens here."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) with linear interpolation between order statistics
+    (numpy's default method): p50 of [1, 2, 3, 4] is 2.5, p90 is 3.7."""
+    if len(values) == 0:
+        raise ValueError("percentile of no values")
+    return float(np.percentile(np.asarray(values, np.float64), q))
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """p50, p90, min and the number of samples."""
+    return {"p50": percentile(values, 50), "p90": percentile(values, 90), "min": float(min(values)), "n": len(values)}
+
+
+def fit_line(x: Sequence[float], y: Sequence[float]) -> dict[str, float] | None:
+    """Least squares ``y = fixed + slope * x``; None with fewer than two distinct ``x``.
+
+    ``r2`` is the coefficient of determination (1.0 for a perfect line)."""
+    xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(np.unique(xs)) < 2:
+        return None
+    design = np.stack([np.ones_like(xs), xs], axis=1)
+    (fixed, slope), *_ = np.linalg.lstsq(design, ys, rcond=None)
+    residual = float(np.sum((ys - (fixed + slope * xs)) ** 2))
+    total = float(np.sum((ys - ys.mean()) ** 2))
+    return {"fixed": float(fixed), "slope": float(slope), "r2": 1.0 - residual / total if total > 0 else 1.0}
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """What a result is stamped with: CPU, usable cores, OS, Python, onnxruntime, UTC date."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {
+        "cpu": cpu_model(),
+        "cores": cores,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort_version,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,  # other work on the machine
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def write_json(report: Mapping[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+# -- the readable table ----------------------------------------------------------
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:10.2f}"
+
+
+def _stage_rows(report: Mapping[str, Any]) -> list[str]:
+    rows = [f"{'stage':<28}{'p50 ms':>10}{'p90 ms':>12}"]
+    for name, stats in report["stages"].items():
+        rows.append(f"{_stage_label(name, report):<28}{_ms(stats['p50'])}  {_ms(stats['p90'])}")
+    return rows
+
+
+def _stage_label(name: str, report: Mapping[str, Any]) -> str:
+    if name.startswith("step:"):
+        expert = name.split(":", 1)[1]
+        return f"  per step {expert} (x{report['steps_per_expert'].get(expert, 0)})"
+    if name.startswith("expert:"):
+        return f"expert {name.split(':', 1)[1]} (all steps)"
+    return {"switch_step": "  step at the switch", "e2e": "end to end", "floor": "engine floor",
+            "host_overhead": "host overhead"}.get(name, name)
+
+
+def _fit_line_text(fit: Mapping[str, Any] | None, unit: str, scale: float, label: str) -> str:
+    if not fit:
+        return f"{label:<16}not measured"
+    points = ", ".join(str(p["x_label"]) for p in fit["points"])
+    return (f"{label:<16}e2e = {fit['fixed'] * 1e3:.1f} ms + {fit['slope'] * scale * 1e3:.3f} ms x {unit}"
+            f"  (r2 {fit['r2']:.3f}; {points})")
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The human-readable summary printed by ``artrt bench``."""
+    c, m = report["config"], report["machine"]
+    overhead = report["stages"].get("host_overhead_pct", {}).get("p50")
+    lines = [
+        f"artrt bench  {c['model']}  backend {report['backend']}  {c['steps']} steps  {c['height']}x{c['width']}"
+        f"  runs {c['runs']} (warm-up {c['warmup']})  threads {c['threads'] or 'default'}",
+        f"machine       {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, {m['date']}"
+        + (f", load average {m['load_average'][0]:.2f}" if m.get("load_average") else ""),
+        f"cold start    load {report['cold_start']['load_s']:.3f} s, load to first image "
+        f"{report['cold_start']['first_image_s']:.3f} s",
+        "",
+        *_stage_rows({**report, "stages": {k: v for k, v in report["stages"].items() if k != "host_overhead_pct"}}),
+        f"{'host overhead share':<28}{'-' if overhead is None else f'{overhead:10.2f} %'}",
+        "",
+    ]
+    mem = report["memory"]
+    lines.append(f"peak host mem {mem['peak_rss_mib']:.0f} MiB ({mem['method']}; {mem['before_load_rss_mib']:.0f} MiB "
+                 f"before load)" + (f", device used {mem['device_used_mib']:.0f} MiB" if mem.get("device_used_mib")
+                                    else ""))
+    lines.append("throughput    " + ", ".join(f"batch {t['batch']}: {t['images_per_s']:.3f} img/s "
+                                              f"({t['e2e_p50'] * 1e3:.1f} ms)" for t in report["throughput"]))
+    lines.append(_fit_line_text(report.get("fit_steps"), "steps", 1.0, "cost vs steps"))
+    lines.append(_fit_line_text(report.get("fit_size"), "megapixels", 1e6, "cost vs size"))
+    return "\n".join(lines)
