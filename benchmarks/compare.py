@@ -26,7 +26,7 @@ from peers import PEERS, PROMPT, Settings
 from report import write_outputs
 
 from artrt.runtime.bench import stage_values
-from artrt.runtime.bench_report import machine_info, summarize
+from artrt.runtime.bench_report import busy_cpu_seconds, machine_info, other_cores, summarize
 
 log = logging.getLogger("benchmarks")
 EXPERTS = [("composition", "expert_composition"), ("detail", "expert_detail")]
@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     scale = latent_scale(models)
     shape = (1, 4, args.size // scale, args.size // scale)
     latents = np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32)
+    cpu_before, started = busy_cpu_seconds(), time.perf_counter()
     images = timed_rounds(peers, results, latents, args.warmup, args.runs)
+    machine["other_processes_cores"] = other_cores(cpu_before, busy_cpu_seconds(), started)
     summarize_results(results, images)
     machine["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     name = f"{args.workload}-{args.size}px-{args.steps}steps"

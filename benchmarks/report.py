@@ -25,9 +25,9 @@ def heading(report: dict[str, Any]) -> tuple[str, str]:
     s, m = report["settings"], report["machine"]
     title = (f"{s['workload']} SDXL pair, {s['height']}x{s['width']} px, {s['steps']} steps, switch {s['switch']}, "
              f"guidance {s['guidance']:g}, {s['sampler']}")
-    load = m.get("load_average")
-    machine = (f"{m['cpu']}, {m['cores']} cores, {s['threads']} threads per runtime; {m['date']}"
-               + (f"; load average {load[0]:.2f} before" if load else ""))
+    other = m.get("other_processes_cores")
+    machine = (f"{m['cpu']}, {m['cores']} cores, threads per runtime: {s['threads']}; {m['date']}"
+               + ("" if other is None else f"; other processes used {other:.2f} cores meanwhile"))
     return title, machine
 
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .bench_report import fit_line, format_table, machine_info, summarize, write_json
+from .bench_report import busy_cpu_seconds, fit_line, format_table, machine_info, other_cores, summarize, write_json
 from .errors import ArtrtError, InputError
 
 log = logging.getLogger("artrt.runtime.bench")  # also when run as __main__
@@ -184,7 +184,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     if cfg.runs < 1 or cfg.warmup < 0 or cfg.steps < 1 or any(b < 1 for b in cfg.batches):
         raise InputError("--runs, --steps and --batch must be >= 1 and --warmup >= 0")
-    before = peak_rss_mib()
+    before, cpu = peak_rss_mib(), busy_cpu_seconds()
     started = time.perf_counter()
     pipe = Pipeline.load(cfg.model, backend=cfg.backend, threads=cfg.threads, verify_hashes=cfg.verify)
     load_s = time.perf_counter() - started
@@ -215,7 +215,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         timer.restore()
         pipe.close()
     config = {**asdict(cfg), "height": h, "width": w, "batches": list(cfg.batches)}
-    return {"artrt_bench": 1, "config": config, "backend": backend, "machine": machine_info(), "cold_start": cold,
+    machine = {**machine_info(), "other_processes_cores": other_cores(cpu, busy_cpu_seconds(), started)}
+    return {"artrt_bench": 1, "config": config, "backend": backend, "machine": machine, "cold_start": cold,
             "stages": stages, "steps_per_expert": counts, "memory": memory,
             "throughput": sorted(throughput, key=lambda t: t["batch"]), **fits, "method": METHOD}
 

@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,30 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def busy_cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds used by the whole machine, by this process and its children) so far.
+
+    Their difference over a run is the CPU that other processes took meanwhile: the part of
+    a noisy timing that is not ours. Linux only (``/proc/stat``); None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    values = [int(v) for v in fields]
+    busy = sum(values) - values[3] - (values[4] if len(values) > 4 else 0)  # minus idle and iowait
+    t = os.times()
+    return busy / ticks, t.user + t.system + t.children_user + t.children_system
+
+
+def other_cores(before: tuple[float, float] | None, after: tuple[float, float] | None, started: float) -> float | None:
+    """Average number of cores other processes kept busy since ``started`` (a perf_counter value)."""
+    seconds = time.perf_counter() - started
+    if before is None or after is None or seconds <= 0:
+        return None
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / seconds)
+
+
 def write_json(report: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.write_text(json.dumps(report, indent=2) + "\n")
@@ -118,7 +143,8 @@ def format_table(report: Mapping[str, Any]) -> str:
         f"artrt bench  {c['model']}  backend {report['backend']}  {c['steps']} steps  {c['height']}x{c['width']}"
         f"  runs {c['runs']} (warm-up {c['warmup']})  threads {c['threads'] or 'default'}",
         f"machine       {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, {m['date']}"
-        + (f", load average {m['load_average'][0]:.2f}" if m.get("load_average") else ""),
+        + ("" if m.get("other_processes_cores") is None else
+           f"; other processes used {m['other_processes_cores']:.2f} cores meanwhile"),
         f"cold start    load {report['cold_start']['load_s']:.3f} s, load to first image "
         f"{report['cold_start']['first_image_s']:.3f} s",
         "",

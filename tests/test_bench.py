@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from artrt.runtime.bench import EngineTimer, main, parse_size, stage_values, switch_step
-from artrt.runtime.bench_report import fit_line, format_table, percentile, summarize
+from artrt.runtime.bench_report import fit_line, format_table, other_cores, percentile, summarize
 
 EXPERTS = [("composition", "expert_composition"), ("detail", "expert_detail")]
 STAGES = ("tokenize", "text_encoder", "text_encoder_2", "expert:composition", "expert:detail", "step:composition",
@@ -117,6 +117,15 @@ def test_engine_timer_wraps_and_restores(sdxl_pipe):
     assert names.count("expert_composition") + names.count("expert_detail") == 3
     assert names[-1] == "vae_decoder" and all(end >= start for _, start, end in calls)
     assert not any("_run_bound" in vars(e) or "_run" in vars(e) for e in sdxl_pipe.engines.values())
+
+
+def test_other_cores_is_machine_cpu_minus_ours():
+    import time
+
+    started = time.perf_counter() - 2.0
+    assert other_cores((100.0, 10.0), (104.0, 12.0), started) == pytest.approx(1.0, rel=0.05)
+    assert other_cores((100.0, 10.0), (101.0, 12.0), started) == 0.0  # never negative
+    assert other_cores(None, (1.0, 1.0), started) is None
 
 
 @pytest.mark.parametrize("text, size", [("256", (256, 256)), ("192x256", (192, 256)), ("64X32", (64, 32))])
