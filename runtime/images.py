@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -34,16 +35,24 @@ def save_png(image: Image.Image, path: str | Path, parameters: dict[str, Any]) -
         raise InputError(f"output {path} must end in .png")
     if not path.parent.is_dir():
         raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
-    info = PngInfo()
-    info.add_text(PNG_KEY, json.dumps(parameters, sort_keys=True))
+    data = encode_png(image, parameters)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
+        tmp.write_bytes(data)
         tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
+
+
+def encode_png(image: Image.Image, parameters: dict[str, Any]) -> bytes:
+    """PNG bytes of ``image`` with ``parameters`` as JSON in a ``parameters`` text chunk."""
+    info = PngInfo()
+    info.add_text(PNG_KEY, json.dumps(parameters, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def read_parameters(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,192 @@
+"""What ``artrt sample`` makes: one task per image, grouped into deterministic batches.
+
+An item with seed ``S`` and ``n`` images makes exactly the images of
+``artrt generate PROMPT --seed S -n n``: initial noise ``default_rng(S)`` of shape
+``[n, C, h, w]``, image ``k`` from row ``k``. Images of items that share every setting
+but the seed run as one engine batch (``latents=`` stacked row by row), so batching
+changes no noise. Ancestral samplers draw fresh noise from the seed's generator at
+every step, so for them a batch is exactly one item.
+
+Batches are cut from the whole item list, never from what is left to do, so a
+resumed run or a Ray run hands the engines the same batches as an uninterrupted
+local run: images are byte-identical even on backends whose arithmetic depends on
+the batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import ArtrtError, InputError
+from .images import encode_png
+from .package import Manifest
+from .pipeline import Pipeline, _Arguments, _default
+from .prompt_files import BadLine, PromptItem
+from .schedules import Sampler
+
+# Record fields that decide an image's pixels (besides the package): a record written
+# with other values is not the image the current command asks for.
+GENERATION_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "switch", "sampler", "seed",
+                     "height", "width", "num_images", "index")
+_BATCH_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "switch", "sampler", "height", "width")
+_NOISY_SAMPLERS = (Sampler.EULER_A,)
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """Command-line values every item starts from (None: the package default)."""
+
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance: tuple[float, ...] | None = None
+    switch: float | None = None
+    sampler: str | None = None
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0  # item i gets seed + i unless it sets its own
+    n: int = 1  # images per item
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """One image: its id (file name stem), its item, source line and PNG parameters."""
+
+    id: str
+    item: str
+    line: int
+    parameters: dict[str, Any]  # as generate's, with "index" (k of the item's n) and "id"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "item": self.item, "line": self.line, "parameters": self.parameters}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ImageTask:
+        return cls(data["id"], data["item"], data["line"], data["parameters"])
+
+
+@dataclass
+class ImageResult:
+    """A made image (PNG bytes and their sha256) or the error that stopped its batch."""
+
+    task: ImageTask
+    png: bytes | None
+    sha256: str | None
+    timings: dict[str, float]  # of the whole batch, in seconds
+    batch_size: int
+    backend: str
+    device: str
+    error: str | None = None
+
+
+def plan_tasks(
+    items: Sequence[PromptItem], options: SampleOptions, manifest: Manifest, file: str
+) -> tuple[list[ImageTask], list[BadLine]]:
+    """Resolve every item against the options and package defaults; invalid ones become bad lines."""
+    tasks: list[ImageTask] = []
+    bad: list[BadLine] = []
+    used: dict[str, int] = {}
+    for item in items:
+        try:
+            new = _item_tasks(item, options, manifest)
+            for task in new:
+                if task.id in used:
+                    raise InputError(f"image id {task.id} is already used on line {used[task.id]}")
+        except ArtrtError as exc:
+            bad.append(BadLine(file, item.line, str(exc)))
+            continue
+        used.update((task.id, item.line) for task in new)
+        tasks += new
+    return tasks, bad
+
+
+def _item_tasks(item: PromptItem, options: SampleOptions, manifest: Manifest) -> list[ImageTask]:
+    v, d = item.values, manifest.defaults
+    seed = v.get("seed", options.seed + item.index)
+    if seed < 0:
+        raise InputError(f"seed must be >= 0, got {seed}")
+    args = _Arguments.check(
+        manifest, item.prompt, v.get("steps", _default(options.steps, d.steps)),
+        v.get("guidance", _default(options.guidance, d.guidance)), v.get("switch", _default(options.switch, d.switch)),
+        v.get("sampler", _default(options.sampler, d.sampler)), seed,
+        v.get("height", _default(options.height, d.height)), v.get("width", _default(options.width, d.width)),
+        v.get("n", options.n),
+    )
+    parameters = args.record(item.prompt, v.get("negative_prompt", options.negative_prompt), manifest)
+    item_id = v.get("id", f"{item.index:06d}")
+    ids = [item_id] if args.num_images == 1 else [f"{item_id}-{k}" for k in range(args.num_images)]
+    return [ImageTask(image_id, item_id, item.line, {**parameters, "index": k, "id": image_id})
+            for k, image_id in enumerate(ids)]
+
+
+def plan_batches(tasks: Sequence[ImageTask], batch_size: int) -> list[list[ImageTask]]:
+    """Cut tasks into engine batches: images with the same settings, in file order, ``batch_size``
+    at most (ancestral samplers: one item per batch, whatever its size)."""
+    if batch_size < 1:
+        raise InputError(f"--batch must be >= 1, got {batch_size}")
+    groups: dict[tuple, list[ImageTask]] = {}
+    for task in tasks:
+        p = task.parameters
+        noisy = Sampler.parse(p["sampler"]) in _NOISY_SAMPLERS
+        key = tuple(str(p[f]) for f in _BATCH_FIELDS) + ((task.item,) if noisy else ())
+        groups.setdefault(key, []).append(task)
+    batches = []
+    for key, group in groups.items():
+        size = len(group) if len(key) > len(_BATCH_FIELDS) else batch_size
+        batches += [group[i:i + size] for i in range(0, len(group), size)]
+    return batches
+
+
+def initial_noise(manifest: Manifest, seed: int, n: int, height: int, width: int) -> np.ndarray:
+    """The unit noise ``generate`` draws for ``seed`` and ``n`` images."""
+    s = manifest.latent_scale
+    shape = (n, manifest.latent_channels, height // s, width // s)
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def make_batch(pipe: Pipeline, batch: Sequence[ImageTask], device: str) -> list[ImageResult]:
+    """Generate one batch and encode its PNGs; an :class:`ArtrtError` becomes a result per image."""
+    p = batch[0].parameters
+    kwargs = {f: p[f] for f in _BATCH_FIELDS}
+    try:
+        if Sampler.parse(p["sampler"]) in _NOISY_SAMPLERS:
+            assert [t.parameters["index"] for t in batch] == list(range(p["num_images"])), "a noisy batch is one item"
+            out = pipe.generate(**kwargs, seed=p["seed"], num_images=p["num_images"])
+        else:
+            out = pipe.generate(**kwargs, seed=p["seed"], num_images=len(batch), latents=_stacked_noise(pipe, batch))
+    except ArtrtError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        return [ImageResult(t, None, None, {}, len(batch), pipe.backend, device, error) for t in batch]
+    started = time.perf_counter()
+    pngs = [encode_png(image, task.parameters) for task, image in zip(batch, out.images)]
+    timings = {**out.timings, "encode": time.perf_counter() - started}
+    return [ImageResult(task, png, hashlib.sha256(png).hexdigest(), timings, len(batch), pipe.backend, device)
+            for task, png in zip(batch, pngs)]
+
+
+def describe_device(pipe: Pipeline) -> str:
+    """``cpu``, or ``cuda`` with the GPU's name."""
+    if pipe._opened.device != "cuda":
+        return "cpu"
+    try:
+        from artrt.engines.cuda import device_info
+
+        return f"cuda ({device_info().name})"
+    except Exception:  # the name is only informative
+        return "cuda"
+
+
+def _stacked_noise(pipe: Pipeline, batch: Sequence[ImageTask]) -> np.ndarray:
+    rows, cache = [], {}
+    for task in batch:
+        p = task.parameters
+        key = (p["seed"], p["num_images"])
+        if key not in cache:
+            cache[key] = initial_noise(pipe.manifest, p["seed"], p["num_images"], p["height"], p["width"])
+        rows.append(cache[key][p["index"]])
+    return np.stack(rows)
