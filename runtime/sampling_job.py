@@ -161,6 +161,9 @@ def _run_info(cfg: SampleConfig, package: dict[str, Any], counts: Counts, bad: l
               resumed: Resumed) -> dict[str, Any]:
     previous = resumed.previous or {}
     history = previous.get("history", []) if not cfg.overwrite else []
+    if previous.get("status") == "running" and not cfg.overwrite:  # that run never finished: killed
+        history.append({"started": previous.get("started"), "finished": None, "status": "killed",
+                        "backend": previous.get("backend"), "ray": previous.get("ray") is not None})
     return {
         "artrt_sample": 1, "status": "running", "artrt_version": artrt.__version__,
         "prompts": {"path": str(cfg.prompts.resolve()), "sha256": sha256_file(cfg.prompts)},
