@@ -17,19 +17,28 @@ STEP_SCALARS = ("c_in", "t", "c_skip", "c_out", "guidance", "a", "b", "c", "d")
 
 
 class TextEncoderGraph(nn.Module):
-    """CLIP text encoder returning ``hidden_states`` (and ``pooled`` when projected).
+    """Text encoder returning ``hidden_states`` (and ``pooled`` when projected).
 
     ``hidden_layer`` None takes the final (layer-normed) state, as Stable Diffusion
-    1.x does; -2 takes the penultimate layer's output, as SDXL does.
+    1.x does; -2 takes the penultimate layer's output, as SDXL does. ``mask_pad_id``
+    (bidirectional encoders such as BERT/MiniLM): padding tokens with this id are
+    masked out of attention and their states zeroed, so the graph still takes only
+    ``input_ids`` (CLIP's causal attention needs no mask).
     """
 
-    def __init__(self, encoder: nn.Module, hidden_layer: int | None, pooled: bool) -> None:
+    def __init__(self, encoder: nn.Module, hidden_layer: int | None, pooled: bool,
+                 mask_pad_id: int | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.hidden_layer = hidden_layer
         self.pooled = pooled
+        self.mask_pad_id = mask_pad_id
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.mask_pad_id is not None:
+            mask = (input_ids != self.mask_pad_id).long()
+            hidden = self.encoder(input_ids, attention_mask=mask)[0]
+            return (hidden * mask.unsqueeze(-1).to(hidden.dtype),)
         out = self.encoder(input_ids, output_hidden_states=self.hidden_layer is not None)
         hidden = out[0] if self.hidden_layer is None else out.hidden_states[self.hidden_layer]
         if self.pooled:
@@ -42,12 +51,16 @@ class FusedStepGraph(nn.Module):
 
     ``step`` holds the per-step scalars in :data:`STEP_SCALARS` order. The
     conditioning inputs carry the unconditional half first, as diffusers does.
+    ``patch`` > 1: the network sees ``sample`` rearranged space-to-depth (pixel-space
+    models whose UNet runs at 1/patch of the image size on patch² × C channels);
+    everything around the network stays in the sample's own layout.
     """
 
-    def __init__(self, unet: nn.Module, added_conditioning: bool) -> None:
+    def __init__(self, unet: nn.Module, added_conditioning: bool, patch: int = 1) -> None:
         super().__init__()
         self.unet = unet
         self.added_conditioning = added_conditioning
+        self.patch = patch
 
     def forward(
         self,
@@ -65,13 +78,18 @@ class FusedStepGraph(nn.Module):
         added = None
         if self.added_conditioning:
             added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        if self.patch > 1:
+            x_in = nn.functional.pixel_unshuffle(x_in, self.patch)
         out = self.unet(
             torch.cat([x_in, x_in]),
             t,  # fp32: diffusers keeps timesteps fp32 and casts the embedding itself
             encoder_hidden_states=encoder_hidden_states,
             added_cond_kwargs=added,
             return_dict=False,
-        )[0].float()
+        )[0]
+        if self.patch > 1:
+            out = nn.functional.pixel_shuffle(out, self.patch)
+        out = out.float()
         uncond, cond = out.chunk(2)
         guided = uncond + guidance * (cond - uncond)
         denoised = c_skip * sample + c_out * guided

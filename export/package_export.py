@@ -82,8 +82,8 @@ def export_package(
         comp, written = _export_decoder(sources.vae, work, latent, fp16 and fp16_vae)
         components[comp.name], decoder = comp, comp.name
         files += written
-    unet = sources.experts[0].unet
-    default_size = int(unet.config.sample_size) * sources.latent_scale
+    unet, patch = sources.experts[0].unet, sources.experts[0].patch
+    default_size = int(unet.config.sample_size) * sources.latent_scale * patch
     manifest = Manifest(
         family=sources.family,
         components=components,
@@ -91,9 +91,9 @@ def export_package(
         schedule=sources.schedule.to_dict(),
         experts=tuple(experts),
         defaults=Defaults(steps, guidance, switch, sources.default_sampler, default_size, default_size),
-        latent_channels=int(unet.config.in_channels),
+        latent_channels=int(unet.config.in_channels) // patch**2,
         latent_scale=sources.latent_scale,
-        size_multiple=sources.latent_scale * 2 ** (len(unet.config.block_out_channels) - 1),
+        size_multiple=sources.latent_scale * patch * 2 ** (len(unet.config.block_out_channels) - 1),
         decoder=decoder,
         files=tuple(file_record(work, f) for f in files),
         source=sources.info,
@@ -196,10 +196,10 @@ def _export_graph(module, name, inputs, check_inputs, outputs, axes, work: Path,
 def _export_text_encoder(enc: TextEncoderSource, work: Path, fp16: bool):
     max_length = int(enc.tokenizer.model_max_length)
     vocab = int(enc.model.config.vocab_size)
-    graph = TextEncoderGraph(enc.model, enc.hidden_layer, enc.pooled).eval()
+    graph = TextEncoderGraph(enc.model, enc.hidden_layer, enc.pooled, enc.mask_pad_id).eval()
     outputs = ["hidden_states", "pooled"] if enc.pooled else ["hidden_states"]
-    ids = {"input_ids": torch.randint(0, vocab, (1, max_length), dtype=torch.int64)}
-    check = {"input_ids": torch.randint(0, vocab, (3, max_length), dtype=torch.int64)}
+    ids = {"input_ids": _token_ids(1, max_length, vocab, enc.mask_pad_id, seed=0)}
+    check = {"input_ids": _token_ids(3, max_length, vocab, enc.mask_pad_id, seed=1)}
     axes = {n: {0: "batch"} for n in ["input_ids", *outputs]}
     half = _half_copy(graph) if fp16 else None  # outputs fp16; hosts cast them as needed
     written, graphs = _export_graph(graph, enc.name, ids, check, outputs, axes, work, half)
@@ -210,23 +210,38 @@ def _export_text_encoder(enc: TextEncoderSource, work: Path, fp16: bool):
     return comp, tok, [*written, tok_rel]
 
 
+def _token_ids(batch: int, length: int, vocab: int, pad_id: int | None, seed: int) -> torch.Tensor:
+    """Random token ids for tracing and checks; with ``pad_id``, rows end in padding of varied length."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), dtype=torch.int64, generator=g)
+    if pad_id is not None:
+        ids[ids == pad_id] = (pad_id + 1) % vocab
+        for row in range(batch):
+            ids[row, length // (row + 2):] = pad_id
+    return ids
+
+
 def _latent_shape(sources: ModelSources) -> tuple[int, int]:
     """A small latent size for tracing: two size multiples, in latent pixels."""
-    config = sources.experts[0].unet.config
-    multiple = 2 ** (len(config.block_out_channels) - 1)
-    return int(config.in_channels), 2 * multiple
+    expert = sources.experts[0]
+    config = expert.unet.config
+    multiple = expert.patch * 2 ** (len(config.block_out_channels) - 1)
+    return int(config.in_channels) // expert.patch**2, 2 * multiple
 
 
 def _step_inputs(expert: ExpertSource, sources: ModelSources, batch: int, h: int, w: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    channels = int(expert.unet.config.in_channels)
+    channels = int(expert.unet.config.in_channels) // expert.patch**2
     cond = expert.conditioning
-    width = sum(int(_hidden_width(sources.text_encoders[n])) for n in cond.text_encoders)
+    encoders = [sources.text_encoders[n] for n in cond.text_encoders]
+    width = sum(_hidden_width(enc) for enc in encoders)
+    tokens = int(encoders[0].tokenizer.model_max_length)
     latents = {
         n: torch.randn(batch, channels, h, w, generator=g) for n in ("sample", "denoised_prev", "noise")
     }
     step = torch.tensor([0.3, 500.0, 1.0, -2.0, 5.0, 0.9, 0.1, -0.05, 0.2])
-    inputs = {**latents, "step": step, "encoder_hidden_states": torch.randn(2 * batch, 77, width, generator=g)}
+    inputs = {**latents, "step": step,
+              "encoder_hidden_states": torch.randn(2 * batch, tokens, width, generator=g)}
     if cond.pooled is not None:
         pooled_width = int(sources.text_encoders[cond.pooled].model.config.projection_dim)
         n_ids = 5 if cond.time_ids == "aesthetic" else 6
@@ -242,7 +257,7 @@ def _hidden_width(enc: TextEncoderSource) -> int:
 def _export_expert(expert: ExpertSource, sources: ModelSources, work: Path, latent: tuple[int, int], fp16: bool):
     _, size = latent
     added = expert.conditioning.pooled is not None
-    graph = FusedStepGraph(expert.unet, added_conditioning=added).eval()
+    graph = FusedStepGraph(expert.unet, added_conditioning=added, patch=expert.patch).eval()
     inputs = _step_inputs(expert, sources, 1, size, size, seed=0)
     check = _step_inputs(expert, sources, 2, 2 * size, size, seed=1)
     axes = {n: LATENT_AXES for n in ("sample", "denoised_prev", "noise", "next_sample", "denoised")}

@@ -41,6 +41,7 @@ class TextEncoderSource:
     tokenizer: Any  # a transformers *fast* tokenizer
     hidden_layer: int | None  # None: final state; -2: penultimate layer
     pooled: bool
+    mask_pad_id: int | None = None  # bidirectional encoders: mask padding (see TextEncoderGraph)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ExpertSource:
     name: str
     unet: torch.nn.Module
     conditioning: Conditioning
+    patch: int = 1  # pixel-space UNets on space-to-depth input (see FusedStepGraph)
 
 
 @dataclass

@@ -1,0 +1,225 @@
+"""Train the embedded demo model: a base denoiser on all noise levels, then two expert copies.
+
+    python recipes/shapes_demo/train.py --out build/shapes-train            # ~1.5 h on 2 CPU cores
+    cp -r build/shapes-train/weights/{composition,detail} demo/weights/     # then write demo.json
+
+Stages, each resumable (``OUT/<stage>.pt`` is written every ``--checkpoint-every`` steps and a
+stopped run continues where it was): ``data`` (shapes-world examples of the training split,
+MiniLM states of every caption), ``base`` (all t), ``composition`` (t >= the composition floor)
+and ``detail`` (t < the detail ceiling), both fine-tuned from the base's EMA weights, as in
+eDiff-I. Outputs: ``OUT/weights/{base,composition,detail}`` (fp16 safetensors + config).
+Everything is seeded; the same command on the same software gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+
+from artrt.demo.world import sample_example
+from artrt.export.graphs import TextEncoderGraph
+from artrt.export.shapes_demo import MAX_TOKENS, PATCH, SCHEDULER_CONFIG, UNET_CONFIG, load_text_encoder
+
+log = logging.getLogger("train")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    steps: int
+    lr: float
+    t_range: tuple[int, int]  # timesteps sampled uniformly in [lo, hi)
+
+
+def make_data(out: Path, examples: int, seed: int) -> dict[str, torch.Tensor]:
+    """Render ``examples`` training-split examples and encode their captions (cached in OUT/data.pt)."""
+    path = out / "data.pt"
+    if path.is_file():
+        return torch.load(path)
+    rng = np.random.default_rng(seed)
+    images = np.empty((examples, 32, 32, 3), dtype=np.uint8)
+    captions: dict[str, int] = {"": 0}  # index 0: the empty prompt (classifier-free guidance)
+    index = np.empty(examples, dtype=np.int64)
+    started = time.perf_counter()
+    for i in range(examples):
+        example = sample_example(rng, "train")
+        images[i] = example.image
+        index[i] = captions.setdefault(example.caption, len(captions))
+        if (i + 1) % 10000 == 0:
+            log.info("rendered %d/%d examples (%.0f s)", i + 1, examples, time.perf_counter() - started)
+    states = encode(list(captions))
+    data = {"images": torch.from_numpy(images), "caption_index": torch.from_numpy(index), "states": states}
+    torch.save(data, path)
+    log.info("%d examples, %d distinct captions", examples, len(captions))
+    return data
+
+
+@torch.no_grad()
+def encode(captions: list[str], batch: int = 256) -> torch.Tensor:
+    """MiniLM token states ``[N, MAX_TOKENS, 384]`` (fp16), computed as the exported graph does."""
+    source = load_text_encoder()
+    graph = TextEncoderGraph(source.model, None, False, source.mask_pad_id).eval()
+    chunks = []
+    for start in range(0, len(captions), batch):
+        ids = source.tokenizer(captions[start:start + batch], padding="max_length", truncation=True,
+                               max_length=MAX_TOKENS, return_tensors="pt").input_ids
+        chunks.append(graph(ids)[0].half())
+    return torch.cat(chunks)
+
+
+def alphas_cumprod() -> torch.Tensor:
+    c = SCHEDULER_CONFIG
+    betas = torch.linspace(c["beta_start"], c["beta_end"], c["num_train_timesteps"], dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def to_model_space(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> the UNet's input layout: [-1, 1], space-to-depth."""
+    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    return F.pixel_unshuffle(x, PATCH)
+
+
+class Trainer:
+    """One stage: epsilon prediction with min-SNR-5 loss weights, caption dropout, EMA weights."""
+
+    def __init__(self, args: argparse.Namespace, data: dict[str, torch.Tensor], stage: Stage,
+                 init: dict[str, torch.Tensor] | None) -> None:
+        self.args, self.data, self.stage = args, data, stage
+        stage_seed = args.seed * 1000 + zlib.crc32(stage.name.encode()) % 1000
+        torch.manual_seed(stage_seed)
+        self.model = UNet2DConditionModel(**UNET_CONFIG)
+        if init is not None:
+            self.model.load_state_dict(init)
+        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=stage.lr, weight_decay=0.0)
+        self.step = 0
+        self.generator = torch.Generator().manual_seed(stage_seed + 1)
+        self.ab = alphas_cumprod()
+        self.path = args.out / f"{stage.name}.pt"
+        if self.path.is_file():
+            state = torch.load(self.path)
+            self.model.load_state_dict(state["model"])
+            self.ema = state["ema"]
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.generator.set_state(state["generator"])
+            self.step = state["step"]
+            log.info("%s: resumed at step %d", stage.name, self.step)
+
+    def save(self) -> None:
+        state = {"model": self.model.state_dict(), "ema": self.ema, "optimizer": self.optimizer.state_dict(),
+                 "generator": self.generator.get_state(), "step": self.step}
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g, n = self.generator, self.data["images"].shape[0]
+        rows = torch.randint(0, n, (self.args.batch,), generator=g)
+        x0 = to_model_space(self.data["images"][rows])
+        captions = self.data["caption_index"][rows]
+        drop = torch.rand(self.args.batch, generator=g) < self.args.caption_dropout
+        states = self.data["states"][torch.where(drop, 0, captions)].float()
+        lo, hi = self.stage.t_range
+        t = torch.randint(lo, hi, (self.args.batch,), generator=g)
+        return x0, states, t
+
+    def train_step(self) -> float:
+        x0, states, t = self.batch()
+        noise = torch.randn(x0.shape, generator=self.generator)
+        ab = self.ab[t].view(-1, 1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        lr = self.stage.lr * min(1.0, (self.step + 1) / self.args.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        pred = self.model(xt, t, encoder_hidden_states=states).sample
+        snr = ab.view(-1) / (1 - ab.view(-1))
+        weight = torch.clamp(snr, max=5.0) / snr
+        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.update_ema()
+        self.step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        decay = min(self.args.ema, (1 + self.step) / (10 + self.step))
+        for k, v in self.model.state_dict().items():
+            if v.is_floating_point():
+                self.ema[k].mul_(decay).add_(v, alpha=1 - decay)
+            else:
+                self.ema[k].copy_(v)
+
+    def run(self) -> dict[str, torch.Tensor]:
+        self.model.train()
+        started, losses = time.perf_counter(), []
+        first = self.step
+        while self.step < self.stage.steps:
+            losses.append(self.train_step())
+            if self.step % self.args.log_every == 0:
+                rate = (self.step - first) / (time.perf_counter() - started)
+                eta = (self.stage.steps - self.step) / rate
+                log.info("%s step %d/%d loss %.4f (%.2f it/s, eta %.0f min)", self.stage.name, self.step,
+                         self.stage.steps, float(np.mean(losses)), rate, eta / 60)
+                losses = []
+            if self.step % self.args.checkpoint_every == 0 or self.step == self.stage.steps:
+                self.save()
+        return self.ema
+
+
+def save_weights(ema: dict[str, torch.Tensor], folder: Path) -> None:
+    model = UNet2DConditionModel(**UNET_CONFIG)
+    model.load_state_dict(ema)
+    model.half().save_pretrained(folder, safe_serialization=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="working directory (checkpoints, data, weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--examples", type=int, default=60000, help="training examples rendered (default 60000)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--base-steps", type=int, default=3000)
+    p.add_argument("--expert-steps", type=int, default=800)
+    p.add_argument("--lr", type=float, default=5e-4, help="base learning rate (experts use 0.4x)")
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--composition-floor", type=int, default=200, help="composition expert trains on t >= this")
+    p.add_argument("--detail-ceiling", type=int, default=500, help="detail expert trains on t < this")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = make_data(args.out, args.examples, args.seed)
+    T = SCHEDULER_CONFIG["num_train_timesteps"]
+    base = Trainer(args, data, Stage("base", args.base_steps, args.lr, (0, T)), None).run()
+    save_weights(base, args.out / "weights" / "base")
+    experts = {
+        "composition": Stage("composition", args.expert_steps, 0.4 * args.lr, (args.composition_floor, T)),
+        "detail": Stage("detail", args.expert_steps, 0.4 * args.lr, (0, args.detail_ceiling)),
+    }
+    for name, stage in experts.items():
+        save_weights(Trainer(args, data, stage, base).run(), args.out / "weights" / name)
+    facts = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    (args.out / "weights" / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
+    log.info("weights written to %s", args.out / "weights")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The embedded demo model: export, parity with a PyTorch loop, and ``artrt demo``.
+
+The reference is written with diffusers' own pieces (``DPMSolverMultistepScheduler``, the
+UNets loaded from the committed weights, MiniLM through transformers): the same network and
+noise as artrt's fused graphs, a different implementation of everything around them.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import psnr
+from PIL import Image
+
+from artrt.export.shapes_demo import MAX_TOKENS, PATCH, SCHEDULER_CONFIG, load_text_encoder
+from artrt.runtime.demo import fingerprint, weights_dir
+from artrt.runtime.images import read_parameters
+
+PROMPT = "a red circle left of a blue square"
+
+
+@pytest.fixture(scope="module")
+def demo_package(tmp_path_factory):
+    from artrt.export.shapes_demo import export_demo
+
+    path = tmp_path_factory.mktemp("demo") / "package"
+    export_demo(path, weights_dir())
+    return path
+
+
+def test_committed_weights_are_small_fp16_safetensors():
+    from safetensors import safe_open
+
+    files = sorted(weights_dir().glob("*/diffusion_pytorch_model.safetensors"))
+    assert [f.parent.name for f in files] == ["composition", "detail"]
+    assert sum(f.stat().st_size for f in files) <= 25e6
+    for f in files:
+        with safe_open(f, "np") as weights:
+            assert {str(weights.get_tensor(k).dtype) for k in weights.keys()} == {"float16"}
+
+
+@torch.no_grad()
+def _reference(prompt: str, latents: torch.Tensor, steps: int, guidance: float, switch: float) -> np.ndarray:
+    """A PyTorch loop: two UNets on space-to-depth pixels, CFG, diffusers' DPM-Solver++(2M)."""
+    from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
+
+    from artrt.export.graphs import TextEncoderGraph
+
+    encoder = load_text_encoder()
+    ids = encoder.tokenizer(["", prompt], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+    states = TextEncoderGraph(encoder.model, None, False, encoder.mask_pad_id)(ids)[0]
+    experts = {n: UNet2DConditionModel.from_pretrained(weights_dir() / n).float().eval()
+               for n in ("composition", "detail")}
+    cutoff = round(1000 - switch * 1000)
+    scheduler = DPMSolverMultistepScheduler.from_config(SCHEDULER_CONFIG)
+    scheduler.set_timesteps(steps)
+    x = latents * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps.clone()):
+        name = "composition" if t >= cutoff else "detail"
+        if name == "detail" and i > 0 and scheduler.timesteps[i - 1] >= cutoff:
+            scheduler = DPMSolverMultistepScheduler.from_config(SCHEDULER_CONFIG)  # fresh history, as artrt
+            scheduler.set_timesteps(steps)
+            scheduler.set_begin_index(i)
+        x_in = F.pixel_unshuffle(torch.cat([x, x]), PATCH)
+        out = F.pixel_shuffle(experts[name](x_in, t, encoder_hidden_states=states).sample, PATCH)
+        uncond, cond = out.chunk(2)
+        x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def test_demo_matches_pytorch_reference(demo_package):
+    from artrt.runtime import Pipeline
+
+    latents = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with Pipeline.load(demo_package, backend="ort-cpu") as pipe:
+        d = pipe.manifest.defaults
+        assert d.sampler == "dpmpp_2m" and (d.height, d.width) == (32, 32)
+        assert pipe.manifest.decoder is None and pipe.manifest.latent_channels == 3
+        result = pipe.generate(PROMPT, latents=latents.numpy())
+        guidance, switch, steps = result.parameters["guidance"][0], result.parameters["switch"], d.steps
+    ours = np.asarray(result.images[0])[None]
+    reference = np.round(_reference(PROMPT, latents, steps, guidance, switch) * 255).astype(np.uint8)
+    value = psnr(ours, reference)
+    print(f"PSNR artrt fp32 vs PyTorch: {value:.1f} dB")
+    assert value >= 40.0
+
+
+def test_demo_command_uses_the_cache_and_records_the_model_resolution(demo_package, tmp_path, monkeypatch):
+    from artrt.runtime.cli import main
+
+    cache = tmp_path / "cache"
+    shutil.copytree(demo_package, cache / f"demo-{fingerprint(weights_dir())}")
+    monkeypatch.setenv("ARTRT_CACHE", str(cache))
+    out = tmp_path / "demo.png"
+    assert main(["demo", PROMPT, "-o", str(out), "--seed", "4", "--scale", "4"]) == 0
+    params = read_parameters(out)
+    assert params["model_resolution"] == [32, 32] and params["upscale"] == 4 and params["seed"] == 4
+    with Image.open(out) as image:
+        assert image.size == (128, 128)
+        pixels = np.asarray(image)
+    assert np.array_equal(pixels[::4, ::4], pixels[3::4, 3::4])  # nearest-neighbour blocks
+
+
+def test_demo_command_rejects_bad_output(tmp_path, capsys):
+    from artrt.runtime.cli import main
+
+    assert main(["demo", "-o", str(tmp_path / "nowhere" / "x.png")]) == 1
+    assert "does not exist" in capsys.readouterr().err
