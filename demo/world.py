@@ -50,6 +50,7 @@ __all__ = [
     "layout",
     "parse_prompt",
     "render",
+    "silhouette",
     "sample_example",
     "sample_spec",
 ]
@@ -58,17 +59,20 @@ IMAGE_SIZE = 32
 BACKGROUNDS = ((246, 245, 240), (240, 242, 247), (247, 241, 232), (238, 245, 238), (245, 238, 242))
 KIND_WEIGHTS = (0.35, 0.25, 0.40)
 DEFAULT_STYLE_WEIGHTS = (0.8, 0.1, 0.1)  # solid, outlined, striped when the prompt does not say
-SINGLE_RADIUS = (6.0, 9.0)
-MULTI_RADIUS = (4.5, 6.5)
+# Half-sizes of the objects' boxes by the number of objects in the scene.
+RADIUS = {1: (6.0, 9.0), 2: (4.5, 6.5), 3: (4.0, 5.5)}
 MARGIN = 1.0  # between an object's box and the image border
-GAP = 3.0  # between the boxes of two objects
+GAP = 3.0  # between the boxes of two objects: at least 3 clear pixels
 MIN_RELATION_OFFSET = 8.0
 MAX_TRIES = 200
+PLACE_TRIES = 20
 
 OUTLINE_WIDTH = 2.0
-STRIPE_PERIOD = 4.0  # colour for the first half of each period, background for the second
-STRIPED_BORDER = 1.0
+STRIPE_PERIOD = 4.0  # rows: colour for the first half of each period, background for the second
+STRIPED_BORDER = 1.5
 SUPERSAMPLE = 4
+# Triangles fill half their box: larger boxes keep their area, outline and stripes readable.
+SHAPE_SCALE = {"circle": 1.0, "square": 1.0, "triangle": 1.15}
 
 
 @dataclass(frozen=True)
@@ -149,13 +153,13 @@ def _uniform_centre(rng: np.random.Generator, radius: float) -> float:
     return float(rng.uniform(MARGIN + radius, IMAGE_SIZE - MARGIN - radius))
 
 
-def _scatter(rng: np.random.Generator, count: int) -> list[tuple[float, float, float]]:
-    """``count`` boxes of one random size at random non-overlapping places."""
-    low, high = SINGLE_RADIUS if count == 1 else MULTI_RADIUS
+def _scatter(rng: np.random.Generator, count: int, scale: float) -> list[tuple[float, float, float]]:
+    """``count`` boxes of one random size (times ``scale``) at random non-overlapping places."""
+    low, high = RADIUS[count]
     for attempt in range(MAX_TRIES):
-        radius = float(rng.uniform(low, high - (high - low) * attempt / MAX_TRIES))
+        radius = scale * float(rng.uniform(low, high - (high - low) * attempt / MAX_TRIES))
         boxes: list[tuple[float, float, float]] = []
-        for _ in range(MAX_TRIES):
+        for _ in range(PLACE_TRIES):  # then start over: an unlucky first box may leave no room
             box = (_uniform_centre(rng, radius), _uniform_centre(rng, radius), radius)
             if all(_separated(box, other) for other in boxes):
                 boxes.append(box)
@@ -164,15 +168,15 @@ def _scatter(rng: np.random.Generator, count: int) -> list[tuple[float, float, f
     raise RuntimeError(f"cannot place {count} objects")
 
 
-def _relate(rng: np.random.Generator, relation: str) -> list[tuple[float, float, float]]:
-    """Subject and reference boxes that satisfy ``relation`` without ambiguity.
+def _relate(rng: np.random.Generator, relation: str, scales: tuple[float, float]) -> list[tuple[float, float, float]]:
+    """Subject and reference boxes (sizes times ``scales``) that satisfy ``relation`` without ambiguity.
 
     The offset along the relation's axis is at least :data:`MIN_RELATION_OFFSET` and the boxes'
     gap; the offset across it is at most half of that.
     """
     sign = -1.0 if relation in ("left of", "above") else 1.0
     for _ in range(MAX_TRIES):
-        r_subject, r_reference = rng.uniform(*MULTI_RADIUS, size=2)
+        r_subject, r_reference = rng.uniform(*RADIUS[2], size=2) * scales
         low = max(MIN_RELATION_OFFSET, r_subject + r_reference + GAP)
         high = IMAGE_SIZE - 2 * MARGIN - r_subject - r_reference
         if low > high:
@@ -197,11 +201,11 @@ def layout(spec: PromptSpec, rng: np.random.Generator) -> Scene:
     """A concrete scene that satisfies ``spec``; unstated styles are mostly solid."""
     background = _pick(rng, BACKGROUNDS)
     if spec.kind == "relation":
-        boxes = _relate(rng, spec.relation)
+        boxes = _relate(rng, spec.relation, tuple(SHAPE_SCALE[obj.shape] for obj in spec.objects))
         objects = spec.objects
         styles = [_concrete_style(obj, rng) for obj in objects]
     else:
-        boxes = _scatter(rng, spec.count)
+        boxes = _scatter(rng, spec.count, SHAPE_SCALE[spec.objects[0].shape])
         objects = spec.objects * spec.count
         styles = [_concrete_style(spec.objects[0], rng)] * spec.count
     placed = tuple(
@@ -236,20 +240,39 @@ def _coverage(obj: PlacedObject, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         if obj.shape == "triangle":  # the triangle's inradius is 0.62 r: keep a visible hole
             width = min(OUTLINE_WIDTH, 0.28 * obj.radius)
         return inside & (depth <= width)
-    stripe = np.floor(y / (STRIPE_PERIOD / 2)) % 2 == 0
+    top = np.round(obj.cy - obj.radius)  # stripes start at the top, on whole rows of the 32-pixel canvas
+    stripe = np.floor((y - top) / (STRIPE_PERIOD / 2)) % 2 == 0
     return inside & ((depth <= STRIPED_BORDER) | stripe)
+
+
+def _sample_grid(size: int, supersample: int) -> tuple[np.ndarray, np.ndarray]:
+    """Canvas coordinates ``(x, y)`` of ``supersample``² points per pixel of a ``size`` image."""
+    samples = (np.arange(size * supersample) + 0.5) / supersample * (IMAGE_SIZE / size)
+    y, x = np.meshgrid(samples, samples, indexing="ij")
+    return x, y
+
+
+def _pixel_mean(samples: np.ndarray, size: int, supersample: int) -> np.ndarray:
+    return samples.reshape(size, supersample, size, supersample, *samples.shape[2:]).mean(axis=(1, 3))
+
+
+def silhouette(
+    shape: str, cx: float, cy: float, radius: float, size: int = IMAGE_SIZE, supersample: int = 2
+) -> np.ndarray:
+    """Per pixel, the share of a ``size`` image that a filled ``shape`` in the given box covers."""
+    x, y = _sample_grid(size, supersample)
+    inside = _depth(PlacedObject(shape, "", "solid", cx, cy, radius), x, y) > 0
+    return _pixel_mean(inside.astype(np.float64), size, supersample)
 
 
 def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     """The scene as a uint8 ``[size, size, 3]`` image, anti-aliased by supersampling."""
-    samples = (np.arange(size * SUPERSAMPLE) + 0.5) / SUPERSAMPLE * (IMAGE_SIZE / size)
-    y, x = np.meshgrid(samples, samples, indexing="ij")
+    x, y = _sample_grid(size, SUPERSAMPLE)
     image = np.empty((*y.shape, 3), dtype=np.float64)
     image[:] = scene.background
     for obj in scene.objects:
         image[_coverage(obj, x, y)] = COLOURS[obj.colour]
-    image = image.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
-    return np.round(image).astype(np.uint8)
+    return np.round(_pixel_mean(image, size, SUPERSAMPLE)).astype(np.uint8)
 
 
 def sample_example(rng: np.random.Generator, split: str = "train", size: int = IMAGE_SIZE) -> Example:
