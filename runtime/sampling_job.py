@@ -59,9 +59,10 @@ class Counts:
 
 def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     """Run the job and return what ``run.json`` says about it; :class:`InputError` if images failed."""
+    started = time.monotonic()
     manifest = read_manifest(cfg.model, verify_hashes=cfg.verify)
-    started = time.time()
     tasks, bad, items = _plan(cfg, manifest)
+    progress = Progress(len(tasks), started=started)
     out = OutputDir(cfg.out)
     out.prepare(cfg.overwrite)
     resumed = out.resume(tasks)
@@ -74,16 +75,16 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     log.info("sample: %d images of %d items, %d already in %s, %d to make in %d batch(es)", len(tasks), items,
              counts.done_before, cfg.out, len(tasks) - counts.done_before, len(batches))
     results = _local_results(cfg, batches) if cfg.ray is None else _ray_results(cfg, batches, info)
-    progress = Progress(len(tasks), counts.done_before)
+    progress.done = counts.done_before
     try:
         for result in results:
             _store(out, result, resumed.records, counts, info, progress)
     except BaseException as exc:
-        _finish(out, info, counts, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", started)
+        _finish(out, info, counts, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", progress)
         raise
     finally:
         out.close()
-    _finish(out, info, counts, "complete" if not counts.failed else "incomplete", started)
+    _finish(out, info, counts, "complete" if not counts.failed else "incomplete", progress)
     log.info("sample: %s", summary(info))
     if counts.failed:
         raise InputError(f"{counts.failed} image(s) failed, listed in {out.run_file}; run again to retry them")
@@ -170,16 +171,22 @@ def _run_info(cfg: SampleConfig, package: dict[str, Any], counts: Counts, bad: l
         "package": package, "backend": None, "device": None,
         "ray": {"address": cfg.ray, "actors": cfg.actors} if cfg.ray else None,
         "options": {**asdict(cfg.options), "batch": cfg.batch, "backend": cfg.backend, "threads": cfg.threads},
-        "started": _now(), "finished": None, "seconds": None, "images_per_s": None,
+        "started": _now(), "finished": None, "seconds": None, "images_per_s": None, "first_image_s": None,
+        "steady_images_per_s": None,
         "counts": asdict(counts), "bad_lines": [asdict(b) for b in bad], "failures": [],
         "dropped_records": resumed.dropped, "history": history,
     }
 
 
-def _finish(out: OutputDir, info: dict[str, Any], counts: Counts, status: str, started: float) -> None:
-    seconds = time.time() - started
+def _finish(out: OutputDir, info: dict[str, Any], counts: Counts, status: str, progress: Progress) -> None:
+    now = time.monotonic()
+    seconds = now - progress.started
+    first = None if progress.first is None else progress.first - progress.started
+    steady = (progress.made - 1) / (now - progress.first) if progress.made > 1 else None
     info.update(status=status, finished=_now(), seconds=round(seconds, 3), counts=asdict(counts),
-                images_per_s=round(counts.generated / seconds, 4) if seconds > 0 else None)
+                images_per_s=round(counts.generated / seconds, 4) if seconds > 0 else None,
+                first_image_s=None if first is None else round(first, 3),
+                steady_images_per_s=None if steady is None else round(steady, 4))
     info["counts"]["complete"] = counts.done_before + counts.generated
     info["history"].append({k: info[k] for k in ("started", "finished", "status", "backend")}
                            | {"generated": counts.generated, "ray": info["ray"] is not None})
@@ -190,7 +197,8 @@ def summary(info: dict[str, Any]) -> str:
     c = info["counts"]
     return (f"{c['complete']}/{c['images']} images complete ({c['generated']} made now, {c['done_before']} "
             f"already there), {c['failed']} failed, {c['bad_lines']} bad line(s) skipped; "
-            f"{info['images_per_s'] or 0:.2f} images/s over {info['seconds']:.1f} s on {info['backend']}")
+            f"{info['images_per_s'] or 0:.2f} images/s over {info['seconds']:.1f} s"
+            + (f" on {info['backend']}" if info["backend"] else ""))
 
 
 def _now() -> str:
@@ -200,20 +208,26 @@ def _now() -> str:
 class Progress:
     """A text progress bar on the log (stderr): done/total, rate and ETA, at most every ``every`` s."""
 
-    def __init__(self, total: int, done: int, every: float = 2.0) -> None:
+    def __init__(self, total: int, done: int = 0, every: float = 2.0, started: float | None = None) -> None:
         self.total, self.done, self.made, self.every = total, done, 0, every
-        self.started = self.shown = time.monotonic()
+        self.started = self.shown = time.monotonic() if started is None else started
+        self.first: float | None = None  # when the first image of this run arrived
 
     def update(self, n: int) -> None:
         self.done += n
         self.made += n
         now = time.monotonic()
+        if self.first is None:
+            self.first = now
         if now - self.shown >= self.every or self.done == self.total:
             self.shown = now
             log.info("sample: %s", self.line(now))
 
     def line(self, now: float) -> str:
-        rate = self.made / max(now - self.started, 1e-9)
+        if self.made > 1:  # after the first image, leaving out start-up (loading, Ray)
+            rate = (self.made - 1) / max(now - self.first, 1e-9)
+        else:
+            rate = self.made / max(now - self.started, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         filled = int(20 * self.done / max(self.total, 1))
         eta_text = str(datetime.timedelta(seconds=round(eta))) if eta != float("inf") else "?"

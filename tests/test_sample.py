@@ -70,6 +70,17 @@ def test_prompt_formats(tmp_path):
     assert items[1].values == {"guidance": [5.0], "negative_prompt": "blurry"}
 
 
+def test_txt_jsonl_and_csv_give_the_same_images(capsys, sdxl_package, tmp_path):
+    files = {"p.txt": "a cat\n\na dog\n", "p.csv": "prompt,seed\na cat,\na dog,1\n",
+             "p.jsonl": '{"prompt": "a cat"}\n{"prompt": "a dog", "seed": 1}\n'}
+    hashes = []
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        assert _sample(capsys, tmp_path / name, sdxl_package, tmp_path / name.replace(".", "-"))[0] == 0
+        hashes.append(_hashes(tmp_path / name.replace(".", "-")))
+    assert hashes[0] == hashes[1] == hashes[2] and set(hashes[0]) == {"000000", "000001"}
+
+
 BAD_JSONL = "\n".join([
     '{"prompt": "good one"}',
     '{"prompt": "broken"',                        # 2: invalid JSON
