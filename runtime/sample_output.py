@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 IMAGES = "images"
 METADATA = "metadata.jsonl"
 RUN = "run.json"
+LOCK = ".lock"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -49,6 +50,7 @@ class OutputDir:
         self.metadata = self.root / METADATA
         self.run_file = self.root / RUN
         self._log = None
+        self._lock_file = None
 
     def prepare(self, overwrite: bool) -> None:
         """Create the folders; ``overwrite`` deletes what an earlier run wrote (nothing else)."""
@@ -60,6 +62,7 @@ class OutputDir:
             raise InputError(f"cannot create {self.images}: {exc.strerror or exc}") from None
         if not os.access(self.root, os.W_OK) or not os.access(self.images, os.W_OK):
             raise InputError(f"--out {self.root} is not writable")
+        self._lock()
         for tmp in self.images.glob(".*.tmp"):
             tmp.unlink()
         if overwrite:
@@ -67,6 +70,20 @@ class OutputDir:
                 png.unlink()
             self.metadata.unlink(missing_ok=True)
             self.run_file.unlink(missing_ok=True)
+
+    def _lock(self) -> None:
+        """Hold an exclusive lock on ``OUT/.lock`` until :meth:`close`: one job per directory."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        self._lock_file = open(self.root / LOCK, "a")  # closed in close()
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise InputError(f"another artrt sample is writing {self.root}") from None
 
     def image_path(self, image_id: str) -> Path:
         return self.images / f"{image_id}.png"
@@ -146,9 +163,10 @@ class OutputDir:
         os.fsync(self._log.fileno())
 
     def close(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        for f in (self._log, self._lock_file):
+            if f is not None:
+                f.close()
+        self._log = self._lock_file = None
 
     def read_run(self) -> dict[str, Any] | None:
         try:

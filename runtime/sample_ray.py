@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import EngineError, InputError
+from .errors import ArtrtError, EngineError, InputError
 from .sample_tasks import ImageResult, ImageTask, describe_device, make_batch
 
 if TYPE_CHECKING:
@@ -24,23 +25,34 @@ log = logging.getLogger(__name__)
 
 
 class BatchMaker:
-    """A Ray Data actor: one loaded pipeline that turns work batches into PNG rows."""
+    """A Ray Data actor: one loaded pipeline that turns work batches into PNG rows.
+
+    A package that does not load here comes back as a ``fatal`` row, not as an actor
+    that dies and is restarted, so the driver can stop with the reason in one line."""
+
+    COLUMNS = ("id", "png", "sha256", "timings", "batch_size", "backend", "device", "error", "fatal")
 
     def __init__(self, model: str, backend: str, threads: int | None, verify: bool) -> None:
         from .pipeline import Pipeline
 
-        self.pipe = Pipeline.load(model, backend=backend, threads=threads, verify_hashes=verify)
-        self.device = describe_device(self.pipe)
+        self.pipe, self.load_error = None, ""
+        try:
+            self.pipe = Pipeline.load(model, backend=backend, threads=threads, verify_hashes=verify)
+            self.device = describe_device(self.pipe)
+        except ArtrtError as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, list[Any]]:
-        columns: dict[str, list[Any]] = {k: [] for k in ("id", "png", "sha256", "timings", "batch_size", "backend",
-                                                        "device", "error")}
+        columns: dict[str, list[Any]] = {k: [] for k in self.COLUMNS}
         for text in rows["batch"]:
             batch = [ImageTask.from_json(t) for t in json.loads(text)]
-            for r in make_batch(self.pipe, batch, self.device):
-                values = (r.task.id, r.png or b"", r.sha256 or "", json.dumps(r.timings), r.batch_size, r.backend,
-                          r.device, r.error or "")
-                for key, value in zip(columns, values):
+            if self.pipe is None:
+                values = [(t.id, b"", "", "{}", len(batch), "", "", self.load_error, True) for t in batch]
+            else:
+                values = [(r.task.id, r.png or b"", r.sha256 or "", json.dumps(r.timings), r.batch_size, r.backend,
+                           r.device, r.error or "", False) for r in make_batch(self.pipe, batch, self.device)]
+            for row in values:
+                for key, value in zip(self.COLUMNS, row):
                     columns[key].append(value)
         return columns
 
@@ -80,7 +92,7 @@ def _run(cfg: SampleConfig, batches: Sequence[list[ImageTask]], info: dict[str, 
     import ray
     import ray.data
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its progress and "finished" lines
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # progress lines; errors come back as one line
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -97,10 +109,20 @@ def _run(cfg: SampleConfig, batches: Sequence[list[ImageTask]], info: dict[str, 
     )
     try:
         for row in dataset.iter_rows():
+            if row["fatal"]:
+                raise EngineError(f"a Ray actor cannot load {cfg.model}: {row['error']}")
             yield _result(tasks, row)
     except ray.exceptions.RayError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngineError(f"the Ray job failed: {first}") from None
+        raise EngineError(f"the Ray job failed: {_cause(exc)}") from None
+
+
+def _cause(exc: BaseException) -> str:
+    """The artrt error inside a Ray error (an actor's traceback as text), else its first line."""
+    text = str(exc)
+    found = re.findall(r"artrt\.runtime\.errors\.\w+: (.+)", text)
+    if found:
+        return found[-1].strip()
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
 
 
 def _result(tasks: dict[str, ImageTask], row: dict[str, Any]) -> ImageResult:

@@ -132,12 +132,11 @@ def plan_batches(tasks: Sequence[ImageTask], batch_size: int) -> list[list[Image
     groups: dict[tuple, list[ImageTask]] = {}
     for task in tasks:
         p = task.parameters
-        noisy = Sampler.parse(p["sampler"]) in _NOISY_SAMPLERS
-        key = tuple(str(p[f]) for f in _BATCH_FIELDS) + ((task.item,) if noisy else ())
-        groups.setdefault(key, []).append(task)
+        own_item = task.item if Sampler.parse(p["sampler"]) in _NOISY_SAMPLERS else None
+        groups.setdefault((own_item, *(str(p[f]) for f in _BATCH_FIELDS)), []).append(task)
     batches = []
-    for key, group in groups.items():
-        size = len(group) if len(key) > len(_BATCH_FIELDS) else batch_size
+    for (own_item, *_), group in groups.items():
+        size = len(group) if own_item is not None else batch_size
         batches += [group[i:i + size] for i in range(0, len(group), size)]
     return batches
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import artrt
+from artrt.engines import BACKENDS
 
 from .errors import InputError
 from .package import Manifest, engine_files, read_manifest, sha256_file
@@ -60,11 +61,26 @@ class Counts:
 def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     """Run the job and return what ``run.json`` says about it; :class:`InputError` if images failed."""
     started = time.monotonic()
+    if cfg.backend not in ("auto", *BACKENDS):
+        raise InputError(f"unknown backend {cfg.backend!r}; choose from auto, {', '.join(BACKENDS)}")
     manifest = read_manifest(cfg.model, verify_hashes=cfg.verify)
     tasks, bad, items = _plan(cfg, manifest)
-    progress = Progress(len(tasks), started=started)
     out = OutputDir(cfg.out)
     out.prepare(cfg.overwrite)
+    try:
+        info = _run(cfg, out, manifest, tasks, bad, items, Progress(len(tasks), started=started))
+    finally:
+        out.close()
+    log.info("sample: %s", summary(info))
+    if info["counts"]["failed"]:
+        raise InputError(f"{info['counts']['failed']} image(s) failed, listed in {out.run_file}; "
+                         "run again to retry them")
+    return info
+
+
+def _run(cfg: SampleConfig, out: OutputDir, manifest: Manifest, tasks: list[ImageTask], bad: list[BadLine],
+         items: int, progress: Progress) -> dict[str, Any]:
+    """Resume what ``out`` holds, make the rest and keep ``run.json`` up to date."""
     resumed = out.resume(tasks)
     package = {"path": str(cfg.model.resolve()), "sha256": package_sha256(manifest), "family": manifest.family}
     _check_package(resumed, package, out)
@@ -82,12 +98,7 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     except BaseException as exc:
         _finish(out, info, counts, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", progress)
         raise
-    finally:
-        out.close()
     _finish(out, info, counts, "complete" if not counts.failed else "incomplete", progress)
-    log.info("sample: %s", summary(info))
-    if counts.failed:
-        raise InputError(f"{counts.failed} image(s) failed, listed in {out.run_file}; run again to retry them")
     return info
 
 

@@ -162,6 +162,18 @@ def test_changed_parameters_need_overwrite(capsys, sdxl_package, tmp_path):
     assert {r["seed"] for r in _records(out)} == {5, 6}
 
 
+def test_one_job_per_directory(capsys, sdxl_package, tmp_path):
+    from artrt.runtime.sample_output import OutputDir
+
+    held = OutputDir(tmp_path / "out")
+    held.prepare(overwrite=False)
+    try:
+        code, err = _sample(capsys, _prompts(tmp_path / "p.txt", 1), sdxl_package, tmp_path / "out")
+    finally:
+        held.close()
+    assert code == 1 and "another artrt sample is writing" in err
+
+
 def test_resume_repairs_every_kind_of_damage(capsys, sdxl_package, tmp_path):
     prompts = _prompts(tmp_path / "p.txt", 6)
     clean, out = tmp_path / "clean", tmp_path / "out"
@@ -232,3 +244,11 @@ def test_ray_makes_the_same_images_and_resumes(capsys, local_ray, sdxl_package, 
     run = json.loads((distributed / "run.json").read_text())
     assert run["ray"]["actors"] == 2 and run["backend"] == "ort-cpu"
     assert {r["backend"] for r in _records(distributed)} == {"ort-cpu"}
+
+
+def test_ray_actor_that_cannot_load_stops_with_one_line(capsys, local_ray, sdxl_package, tmp_path):
+    prompts = _prompts(tmp_path / "p.txt", 2)
+    code, err = _sample(capsys, prompts, sdxl_package, tmp_path / "out", "--ray", "auto", "--backend", "trt")
+    errors = [line for line in err.splitlines() if line.startswith("artrt: error:")]
+    assert code == 1 and len(errors) == 1 and "a Ray actor cannot load" in errors[0], err
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "failed"
