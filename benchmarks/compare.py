@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from peers import PEERS, PROMPT, Settings
+from peers import DEFAULT_PEERS, PEERS, PROMPT, Settings
 from report import write_outputs
 
 from artrt.runtime.bench import stage_values
@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="timed runs per peer after warm-up (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per peer (default 1)")
     p.add_argument("--threads", type=int, help="threads for every peer (default: usable cores)")
-    p.add_argument("--peers", nargs="+", choices=sorted(PEERS), default=list(PEERS))
+    p.add_argument("--peers", nargs="+", choices=sorted(PEERS), default=list(DEFAULT_PEERS),
+                   help="default: %(default)s; artrt-plain: artrt without its CPU graphs (before/after)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared latents")
     p.add_argument("--work", type=Path, default=Path("build/bench"), help="cache of models and exports")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))

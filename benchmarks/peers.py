@@ -47,7 +47,7 @@ class ArtrtPeer:
         from artrt.runtime.bench import EngineTimer
 
         package = work / "artrt"
-        if not (package / "artrt.json").is_file():
+        if not _has_cpu_graphs(package):
             export_artrt(self.models, package, self.s)
         self.pipe = Pipeline.load(package, backend="ort-cpu", threads=threads)
         self.timer = EngineTimer(self.pipe.engines)  # engine floor and host overhead of artrt's runs
@@ -58,6 +58,44 @@ class ArtrtPeer:
                                  sampler="euler", height=s.height, width=s.width)
         self.last_timings = out.timings
         return np.asarray(out.images[0])
+
+
+class ArtrtPlainPeer(ArtrtPeer):
+    """artrt as before its CPU graphs: the same package with ``onnx_cpu`` taken out of the
+    manifest, so ORT CPU runs the plain exported fp32 graphs (unfused attention). For
+    before/after comparisons in one run; not a default peer."""
+
+    name = "artrt (plain fp32 graphs)"
+
+    def prepare(self, work: Path, threads: int) -> None:
+        import shutil
+        from dataclasses import replace
+
+        from artrt.runtime import Pipeline
+        from artrt.runtime.bench import EngineTimer
+        from artrt.runtime.package import read_manifest, write_manifest
+
+        package, plain = work / "artrt", work / "artrt-plain"
+        if not _has_cpu_graphs(package):
+            export_artrt(self.models, package, self.s)
+        shutil.rmtree(plain, ignore_errors=True)
+        shutil.copytree(package, plain)
+        manifest = read_manifest(plain)
+        cpu = {c.onnx_cpu for c in manifest.components.values()}
+        components = {k: replace(c, onnx_cpu=None) for k, c in manifest.components.items()}
+        files = tuple(f for f in manifest.files if f.path not in cpu)
+        write_manifest(plain, replace(manifest, components=components, files=files))
+        self.pipe = Pipeline.load(plain, backend="ort-cpu", threads=threads)
+        self.timer = EngineTimer(self.pipe.engines)
+
+
+def _has_cpu_graphs(package: Path) -> bool:
+    """Whether ``package`` exists and was exported with CPU graphs (older exports are redone)."""
+    from artrt.runtime.package import read_manifest
+
+    if not (package / "artrt.json").is_file():
+        return False
+    return any(c.onnx_cpu for c in read_manifest(package, verify_hashes=False).components.values())
 
 
 def export_artrt(models: Path, package: Path, s: Settings) -> None:
@@ -150,4 +188,5 @@ def export_optimum(folder: Path, out: Path, task: str) -> None:
                 no_post_process=True, local_files_only=True)
 
 
-PEERS = {"artrt": ArtrtPeer, "diffusers": DiffusersPeer, "optimum": OptimumPeer}
+PEERS = {"artrt": ArtrtPeer, "diffusers": DiffusersPeer, "optimum": OptimumPeer, "artrt-plain": ArtrtPlainPeer}
+DEFAULT_PEERS = ("artrt", "diffusers", "optimum")

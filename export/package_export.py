@@ -25,6 +25,7 @@ from artrt.runtime.package import (
     write_manifest,
 )
 
+from .cpu_optimize import add_cpu_graphs
 from .graphs import DecoderGraph, FusedStepGraph, TextEncoderGraph
 from .onnx_io import check_onnx, export_onnx, tensor_info
 from .sources import ExpertSource, ModelSources, TextEncoderSource
@@ -99,6 +100,7 @@ def export_package(
         source=sources.info,
         artrt_version=artrt.__version__,
     )
+    manifest = add_cpu_graphs(work, manifest)  # ort-cpu graphs with fused attention
     write_manifest(work, manifest)
     if out.exists():
         shutil.rmtree(out)

@@ -178,11 +178,12 @@ def component_file(
     root: Path, manifest: Manifest, component: str, backend: str, system: SystemInfo | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Path:
-    """The file ``backend`` loads for ``component``: fp32 ONNX on ``ort-cpu``; the fused
-    ONNX (else fp16, else fp32 ONNX) on ``ort-cuda``; the plan on ``trt``, if not stale."""
+    """The file ``backend`` loads for ``component``: the CPU graph (else fp32 ONNX) on ``ort-cpu``;
+    the fused ONNX (else fp16, else fp32 ONNX) on ``ort-cuda``; the plan on ``trt``, if not stale."""
     root = Path(root)
     if backend == "ort-cpu":
-        return resolve(root, manifest.components[component].onnx)
+        comp = manifest.components[component]
+        return resolve(root, comp.onnx_cpu or comp.onnx)
     record = find_record(manifest, component, backend)
     if backend == "ort-cuda":
         if record is not None:

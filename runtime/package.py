@@ -44,6 +44,8 @@ class Component:
     # fp16 graph for GPU backends (None: they use ``onnx``); docs/gpu-design.md has its I/O dtypes
     onnx_fp16: str | None = None
     export_check_fp16: dict[str, float] = field(default_factory=dict)  # vs the fp32 PyTorch module
+    # fp32 graph rewritten for ONNX Runtime CPU (fused attention; None: ort-cpu uses ``onnx``)
+    onnx_cpu: str | None = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,7 @@ def _component(c: dict[str, Any]) -> Component:
         export_check=dict(c.get("export_check", {})),
         onnx_fp16=c.get("onnx_fp16"),
         export_check_fp16=dict(c.get("export_check_fp16", {})),
+        onnx_cpu=c.get("onnx_cpu"),
     )
 
 
@@ -250,7 +253,7 @@ def _check_references(m: Manifest, path: Path, check_engines: bool = True) -> No
     problems = []
     listed = {f.path for f in m.files}
     for comp in m.components.values():
-        for onnx in (comp.onnx, comp.onnx_fp16):
+        for onnx in (comp.onnx, comp.onnx_fp16, comp.onnx_cpu):
             if onnx is not None and onnx not in listed:
                 problems.append(f"component {comp.name!r} file {onnx!r} is not in 'files'")
         if comp.tokenizer is not None and comp.tokenizer not in m.tokenizers:

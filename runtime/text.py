@@ -25,6 +25,10 @@ class PromptTokenizer:
         self.max_length = info.max_length
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
-        """Token ids of shape ``[len(prompts), max_length]`` (int64)."""
-        encodings = self._tokenizer.encode_batch(prompts)
-        return np.array([e.ids for e in encodings], dtype=np.int64)
+        """Token ids of shape ``[len(prompts), max_length]`` (int64).
+
+        Prompts are encoded one by one: ``encode_batch`` hands even two short prompts to
+        the tokenizers thread pool, which then competes with ONNX Runtime's spinning
+        threads for the cores (6-14 ms instead of 0.1 ms on a 2-core machine).
+        """
+        return np.array([self._tokenizer.encode(p).ids for p in prompts], dtype=np.int64)

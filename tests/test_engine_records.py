@@ -108,7 +108,8 @@ def test_every_staleness_reason(package_copy):
 def test_component_file_per_backend(package_copy, caplog):
     root = package_copy
     m = read_manifest(root)
-    assert component_file(root, m, "expert_detail", "ort-cpu") == root / "expert_detail/model.onnx"
+    assert component_file(root, m, "expert_detail", "ort-cpu") == root / "expert_detail/model_cpu.onnx"
+    assert component_file(root, m, "text_encoder", "ort-cpu") == root / "text_encoder/model.onnx"  # no CPU graph
     assert component_file(root, m, "expert_detail", "ort-cuda") == root / "expert_detail/model_fp16.onnx"
     assert component_file(root, m, "vae_decoder", "ort-cuda") == root / "vae_decoder/model.onnx"  # no fp16 VAE
     with pytest.raises(StaleEngineError, match=f"no TensorRT engine built for expert_detail: run artrt build {root}$"):
