@@ -90,7 +90,7 @@ def to_model_space(images: torch.Tensor) -> torch.Tensor:
 
 
 class Trainer:
-    """One stage: epsilon prediction with min-SNR-5 loss weights, caption dropout, EMA weights."""
+    """One stage: v-prediction with min-SNR-5 loss weights, caption dropout, EMA weights."""
 
     def __init__(self, args: argparse.Namespace, data: dict[str, torch.Tensor], stage: Stage,
                  init: dict[str, torch.Tensor] | None) -> None:
@@ -142,9 +142,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         pred = self.model(xt, t, encoder_hidden_states=states).sample
+        target = ab.sqrt() * noise - (1 - ab).sqrt() * x0  # v
         snr = ab.view(-1) / (1 - ab.view(-1))
-        weight = torch.clamp(snr, max=5.0) / snr
-        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        weight = torch.clamp(snr, max=5.0) / (snr + 1)  # min-SNR-5 for v-prediction
+        loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -199,6 +200,8 @@ def main() -> None:
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--composition-floor", type=int, default=200, help="composition expert trains on t >= this")
     p.add_argument("--detail-ceiling", type=int, default=500, help="detail expert trains on t < this")
+    p.add_argument("--experts", nargs="+", choices=("composition", "detail"), default=["composition", "detail"],
+                   help="expert stages to run after the base (run one per process to use two cores)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--checkpoint-every", type=int, default=200)
@@ -214,8 +217,8 @@ def main() -> None:
         "composition": Stage("composition", args.expert_steps, 0.4 * args.lr, (args.composition_floor, T)),
         "detail": Stage("detail", args.expert_steps, 0.4 * args.lr, (0, args.detail_ceiling)),
     }
-    for name, stage in experts.items():
-        save_weights(Trainer(args, data, stage, base).run(), args.out / "weights" / name)
+    for name in args.experts:
+        save_weights(Trainer(args, data, experts[name], base).run(), args.out / "weights" / name)
     facts = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (args.out / "weights" / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
     log.info("weights written to %s", args.out / "weights")
