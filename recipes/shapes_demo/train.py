@@ -100,6 +100,7 @@ class Trainer:
         self.model = UNet2DConditionModel(**UNET_CONFIG)
         if init is not None:
             self.model.load_state_dict(init)
+        self.model.to(args.device)
         self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=stage.lr, weight_decay=0.0)
         self.step = 0
@@ -107,7 +108,7 @@ class Trainer:
         self.ab = alphas_cumprod()
         self.path = args.out / f"{stage.name}.pt"
         if self.path.is_file():
-            state = torch.load(self.path)
+            state = torch.load(self.path, map_location=args.device)
             self.model.load_state_dict(state["model"])
             self.ema = state["ema"]
             self.optimizer.load_state_dict(state["optimizer"])
@@ -135,8 +136,9 @@ class Trainer:
 
     def train_step(self) -> float:
         x0, states, t = self.batch()
-        noise = torch.randn(x0.shape, generator=self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator)  # drawn on the CPU: same on any device
         ab = self.ab[t].view(-1, 1, 1, 1)
+        x0, states, t, noise, ab = (v.to(self.args.device) for v in (x0, states, t, noise, ab))
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         lr = self.stage.lr * min(1.0, (self.step + 1) / self.args.warmup)
         for group in self.optimizer.param_groups:
@@ -182,7 +184,7 @@ class Trainer:
 
 def save_weights(ema: dict[str, torch.Tensor], folder: Path) -> None:
     model = UNet2DConditionModel(**UNET_CONFIG)
-    model.load_state_dict(ema)
+    model.load_state_dict({k: v.cpu() for k, v in ema.items()})
     model.half().save_pretrained(folder, safe_serialization=True)
 
 
@@ -203,6 +205,9 @@ def main() -> None:
     p.add_argument("--experts", nargs="+", choices=("composition", "detail"), default=["composition", "detail"],
                    help="expert stages to run after the base (run one per process to use two cores)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument("--init", type=Path, help="start the base from these weights (a diffusers UNet folder, e.g. "
+                   "demo/weights/composition) instead of a random init: to continue training the shipped model")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--checkpoint-every", type=int, default=200)
     args = p.parse_args()
@@ -211,7 +216,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data = make_data(args.out, args.examples, args.seed)
     T = SCHEDULER_CONFIG["num_train_timesteps"]
-    base = Trainer(args, data, Stage("base", args.base_steps, args.lr, (0, T)), None).run()
+    init = None
+    if args.init is not None:
+        init = UNet2DConditionModel.from_pretrained(args.init).float().state_dict()
+    base = Trainer(args, data, Stage("base", args.base_steps, args.lr, (0, T)), init).run()
     save_weights(base, args.out / "weights" / "base")
     experts = {
         "composition": Stage("composition", args.expert_steps, 0.4 * args.lr, (args.composition_floor, T)),
