@@ -5,7 +5,9 @@
 Builds the random SDXL base + refiner pair of the workload from configs
 (``artrt.export.random_models``; cached under ``--work``), exports it for artrt and for
 optimum, then times end-to-end generation (prompt to decoded image) of every peer with the
-same latents, prompt, steps, switch, guidance, Euler sampler and thread count. Runs are
+same latents, prompt, steps, switch, guidance, Euler sampler and thread count. The ``demo``
+workload is the embedded demo model (32 px, its own defaults: DPM-Solver++(2M), switch and
+guidance from ``demo.json``) in artrt and in a PyTorch loop of diffusers' pieces. Runs are
 interleaved (one run of each peer per round) so drift in the machine's speed hits every
 peer alike. Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``--out``. A peer
 that fails is recorded with the reason, and the others still run.
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from peers import DEFAULT_PEERS, PEERS, PROMPT, Settings
+from peers import DEFAULT_PEERS, DEMO_PEERS, DEMO_PROMPT, PEERS, Settings
 from report import write_outputs
 
 from artrt.runtime.bench import stage_values
@@ -34,16 +36,19 @@ EXPERTS = [("composition", "expert_composition"), ("detail", "expert_detail")]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workload", choices=("tiny", "small"), default="tiny", help="random SDXL pair size")
+    p.add_argument("--workload", choices=("tiny", "small", "demo"), default="tiny",
+                   help="random SDXL pair size, or the embedded demo model")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--size", type=int, default=256, help="image height and width in pixels (default 256)")
-    p.add_argument("--switch", type=float, default=0.8)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--size", type=int, help="image height and width in pixels (default 256; demo: 32, fixed)")
+    p.add_argument("--switch", type=float, help="default 0.8 (demo: its demo.json)")
+    p.add_argument("--guidance", type=float, help="default 5 (demo: its demo.json)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per peer after warm-up (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per peer (default 1)")
     p.add_argument("--threads", type=int, help="threads for every peer (default: usable cores)")
     p.add_argument("--peers", nargs="+", choices=sorted(PEERS), default=list(DEFAULT_PEERS),
-                   help="default: %(default)s; artrt-plain: artrt without its CPU graphs (before/after)")
+                   help="default: %(default)s; artrt-plain: artrt without its CPU graphs (before/after); "
+                   "optimum-nospin: optimum with artrt's no-spinning session option")
+    p.add_argument("--pause", type=float, default=0.3, help="untimed seconds before each run (default 0.3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared latents")
     p.add_argument("--work", type=Path, default=Path("build/bench"), help="cache of models and exports")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -65,11 +70,38 @@ def latent_scale(models: Path) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def prepare(names: list[str], models: Path, work: Path, settings: Settings, threads: int) -> tuple[dict, dict]:
+def workload(args: argparse.Namespace) -> tuple[Settings, Path, tuple[int, int, int, int]]:
+    """Settings, model folder and latent shape of ``args.workload``."""
+    if args.workload == "demo":
+        from artrt.export.shapes_demo import IMAGE_SIZE, WEIGHTS, read_card
+
+        if args.size not in (None, IMAGE_SIZE):
+            raise SystemExit(f"compare.py: error: the demo model draws {IMAGE_SIZE}x{IMAGE_SIZE} only")
+        d = read_card(WEIGHTS)["defaults"]
+        settings = Settings(args.steps, IMAGE_SIZE, IMAGE_SIZE, _given(args.switch, d["switch"]),
+                            _given(args.guidance, d["guidance"]), d["sampler"], DEMO_PROMPT)
+        return settings, WEIGHTS, (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    size = _given(args.size, 256)
+    settings = Settings(args.steps, size, size, _given(args.switch, 0.8), _given(args.guidance, 5.0))
+    models = make_models(args.workload, args.work / args.workload / "models")
+    scale = latent_scale(models)
+    return settings, models, (1, 4, size // scale, size // scale)
+
+
+def _given(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def prepare(names: list[str], models: Path, work: Path, settings: Settings, threads: int,
+            workload: str = "tiny") -> tuple[dict, dict]:
     """Load every peer; returns ``(peers, results)`` where failed peers have only an error."""
     peers, results = {}, {}
+    available = DEMO_PEERS if workload == "demo" else PEERS
     for key in names:
-        peer = PEERS[key](models, settings)
+        if key not in available:
+            results[key] = {"name": key, "error": f"no {key} peer for the {workload} workload"}
+            continue
+        peer = available[key](models, settings)
         try:
             started = time.perf_counter()
             peer.prepare(work, threads)
@@ -81,11 +113,16 @@ def prepare(names: list[str], models: Path, work: Path, settings: Settings, thre
     return peers, results
 
 
-def timed_rounds(peers: dict, results: dict, latents: np.ndarray, warmup: int, runs: int) -> dict[str, np.ndarray]:
-    """Warm-up and timed runs, interleaved by round; returns each peer's last image."""
+def timed_rounds(peers: dict, results: dict, latents: np.ndarray, warmup: int, runs: int,
+                 pause: float = 0.0) -> dict[str, np.ndarray]:
+    """Warm-up and timed runs, interleaved by round; returns each peer's last image.
+
+    ``pause`` seconds (untimed) before each run let the previous peer's spinning worker
+    threads (ONNX Runtime's, OpenMP's) go idle instead of slowing the next peer down."""
     images: dict[str, np.ndarray] = {}
     for round_ in range(warmup + runs):
         for key, peer in list(peers.items()):
+            time.sleep(pause)
             if hasattr(peer, "timer"):
                 peer.timer.take()
             started = time.perf_counter()
@@ -149,22 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     threads = args.threads or machine_info()["cores"]
-    settings = Settings(args.steps, args.size, args.size, args.switch, args.guidance)
+    settings, models, shape = workload(args)
     work = args.work / args.workload
     machine = {**machine_info(), "versions": versions()}  # load average before: other work skews every peer
-    models = make_models(args.workload, work / "models")
-    peers, results = prepare(args.peers, models, work, settings, threads)
-    scale = latent_scale(models)
-    shape = (1, 4, args.size // scale, args.size // scale)
+    peers, results = prepare(args.peers, models, work, settings, threads, args.workload)
     latents = np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32)
     cpu_before, started = busy_cpu_seconds(), time.perf_counter()
-    images = timed_rounds(peers, results, latents, args.warmup, args.runs)
+    images = timed_rounds(peers, results, latents, args.warmup, args.runs, args.pause)
     machine["other_processes_cores"] = other_cores(cpu_before, busy_cpu_seconds(), started)
     summarize_results(results, images)
     machine["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    name = f"{args.workload}-{args.size}px-{args.steps}steps"
-    settings_record = {**vars(settings), "sampler": "euler", "threads": threads, "runs": args.runs,
-                       "warmup": args.warmup, "seed": args.seed, "workload": args.workload, "prompt": PROMPT}
+    name = f"{args.workload}-{settings.height}px-{args.steps}steps"
+    settings_record = {**vars(settings), "threads": threads, "runs": args.runs, "warmup": args.warmup,
+                       "pause_s": args.pause, "seed": args.seed, "workload": args.workload}
     report = {"benchmark": name, "machine": machine, "settings": settings_record, "peers": results}
     for path in write_outputs(report, args.out, name):
         log.info("wrote %s", path)

@@ -3,8 +3,11 @@
 ``prepare(work, threads)`` builds what the peer needs from the workload's diffusers folders
 (exports are cached in ``work``) and loads it; ``run(latents)`` generates one image from
 the given unit-variance latents and returns it as ``uint8 [H, W, 3]``. Every peer runs the
-SDXL ensemble of expert denoisers the same way: base for ``t >= cutoff``
-(``denoising_end=switch``), refiner below (``denoising_start=switch``), no re-noising.
+ensemble of expert denoisers the same way: first expert for ``t >= cutoff``
+(``denoising_end=switch``), second below (``denoising_start=switch``), no re-noising.
+
+Two workloads: a random SDXL base + refiner (:data:`PEERS`) and the embedded demo model, two
+same-architecture pixel-space experts (:data:`DEMO_PEERS`; optimum has no pipeline for it).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 log = logging.getLogger("benchmarks.peers")
 PROMPT = "a lighthouse at dusk"
+DEMO_PROMPT = "a red circle left of a blue square"
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class Settings:
     width: int
     switch: float
     guidance: float
+    sampler: str = "euler"
+    prompt: str = PROMPT
 
 
 def to_uint8(images: Any) -> np.ndarray:
@@ -54,8 +60,8 @@ class ArtrtPeer:
 
     def run(self, latents: np.ndarray) -> np.ndarray:
         s = self.s
-        out = self.pipe.generate(PROMPT, latents=latents, steps=s.steps, guidance=s.guidance, switch=s.switch,
-                                 sampler="euler", height=s.height, width=s.width)
+        out = self.pipe.generate(s.prompt, latents=latents, steps=s.steps, guidance=s.guidance, switch=s.switch,
+                                 sampler=s.sampler, height=s.height, width=s.width)
         self.last_timings = out.timings
         return np.asarray(out.images[0])
 
@@ -122,9 +128,9 @@ class _DiffusersEnsemble:
         s = self.s
         common = dict(num_inference_steps=s.steps, guidance_scale=s.guidance)
         with torch.inference_mode():
-            handoff = self.base(PROMPT, latents=torch.from_numpy(latents.copy()), height=s.height, width=s.width,
+            handoff = self.base(s.prompt, latents=torch.from_numpy(latents.copy()), height=s.height, width=s.width,
                                 denoising_end=s.switch, output_type="latent", **common).images
-            images = self.refiner(PROMPT, image=handoff, denoising_start=s.switch, output_type="np", **common).images
+            images = self.refiner(s.prompt, image=handoff, denoising_start=s.switch, output_type="np", **common).images
         return to_uint8(images)
 
 
@@ -154,6 +160,7 @@ class OptimumPeer(_DiffusersEnsemble):
     ``...Img2ImgPipeline``), exported offline from the same folders with ``main_export``."""
 
     name = "optimum (ORT CPU)"
+    spin = True  # ONNX Runtime's default
 
     def __init__(self, models: Path, settings: Settings) -> None:
         self.models, self.s = models, settings
@@ -170,6 +177,8 @@ class OptimumPeer(_DiffusersEnsemble):
                 export_optimum(self.models / part, folders[part], task)
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        if not self.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.base = ORTStableDiffusionXLPipeline.from_pretrained(folders["base"], export=False,
                                                                  session_options=options)
         self.refiner = ORTStableDiffusionXLImg2ImgPipeline.from_pretrained(folders["refiner"], export=False,
@@ -177,6 +186,14 @@ class OptimumPeer(_DiffusersEnsemble):
         for pipe in (self.base, self.refiner):
             pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
             pipe.set_progress_bar_config(disable=True)
+
+
+class OptimumNoSpinPeer(OptimumPeer):
+    """optimum with artrt's session option (worker threads block instead of spinning), to
+    tell that option's share of a difference from the rest. Not a default peer."""
+
+    name = "optimum (ORT CPU, no spinning)"
+    spin = False
 
 
 def export_optimum(folder: Path, out: Path, task: str) -> None:
@@ -188,5 +205,47 @@ def export_optimum(folder: Path, out: Path, task: str) -> None:
                 no_post_process=True, local_files_only=True)
 
 
-PEERS = {"artrt": ArtrtPeer, "diffusers": DiffusersPeer, "optimum": OptimumPeer, "artrt-plain": ArtrtPlainPeer}
+class DemoArtrtPeer(ArtrtPeer):
+    """artrt on the demo package (``artrt.export.shapes_demo.export_demo``, fp32 + CPU graphs)."""
+
+    def prepare(self, work: Path, threads: int) -> None:
+        from artrt.export.shapes_demo import export_demo
+        from artrt.runtime import Pipeline
+        from artrt.runtime.bench import EngineTimer
+
+        package = work / "artrt"
+        if not _has_cpu_graphs(package):
+            log.info("exporting the demo package to %s", package)
+            export_demo(package, self.models, overwrite=True)
+        self.pipe = Pipeline.load(package, backend="ort-cpu", threads=threads)
+        self.timer = EngineTimer(self.pipe.engines)
+
+
+class DemoTorchPeer:
+    """The demo model in PyTorch with diffusers' UNets and scheduler (``TorchDemoPipeline``):
+    the loop over two same-architecture UNets a diffusers user would write."""
+
+    name = "diffusers (PyTorch)"
+
+    def __init__(self, models: Path, settings: Settings) -> None:
+        self.models, self.s, self.pipe = models, settings, None
+
+    def prepare(self, work: Path, threads: int) -> None:
+        import torch
+
+        from artrt.export.shapes_demo import TorchDemoPipeline
+
+        torch.set_num_threads(threads)
+        self.pipe = TorchDemoPipeline(self.models)
+
+    def run(self, latents: np.ndarray) -> np.ndarray:
+        import torch
+
+        s = self.s
+        return to_uint8(self.pipe(s.prompt, torch.from_numpy(latents.copy()), s.steps, s.guidance, s.switch))
+
+
+PEERS = {"artrt": ArtrtPeer, "diffusers": DiffusersPeer, "optimum": OptimumPeer, "artrt-plain": ArtrtPlainPeer,
+         "optimum-nospin": OptimumNoSpinPeer}
 DEFAULT_PEERS = ("artrt", "diffusers", "optimum")
+DEMO_PEERS = {"artrt": DemoArtrtPeer, "diffusers": DemoTorchPeer}

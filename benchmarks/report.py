@@ -8,7 +8,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-COLOURS = {"artrt": (46, 125, 50), "diffusers": (96, 125, 139), "optimum": (30, 136, 229)}
+COLOURS = {"artrt": (46, 125, 50), "artrt-plain": (129, 199, 132), "diffusers": (96, 125, 139),
+           "optimum": (30, 136, 229), "optimum-nospin": (144, 202, 249)}
 
 
 def write_outputs(report: dict[str, Any], out: Path, name: str) -> list[Path]:
@@ -23,7 +24,8 @@ def write_outputs(report: dict[str, Any], out: Path, name: str) -> list[Path]:
 def heading(report: dict[str, Any]) -> tuple[str, str]:
     """Title and machine line shared by the table and the chart."""
     s, m = report["settings"], report["machine"]
-    title = (f"{s['workload']} SDXL pair, {s['height']}x{s['width']} px, {s['steps']} steps, switch {s['switch']}, "
+    model = "demo model" if s["workload"] == "demo" else f"{s['workload']} SDXL pair"
+    title = (f"{model}, {s['height']}x{s['width']} px, {s['steps']} steps, switch {s['switch']}, "
              f"guidance {s['guidance']:g}, {s['sampler']}")
     other = m.get("other_processes_cores")
     machine = (f"{m['cpu']}, {m['cores']} cores, threads per runtime: {s['threads']}; {m['date']}"

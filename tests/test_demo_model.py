@@ -1,8 +1,8 @@
 """The embedded demo model: export, parity with a PyTorch loop, and ``artrt demo``.
 
-The reference is written with diffusers' own pieces (``DPMSolverMultistepScheduler``, the
-UNets loaded from the committed weights, MiniLM through transformers): the same network and
-noise as artrt's fused graphs, a different implementation of everything around them.
+The reference is ``TorchDemoPipeline``: diffusers' own pieces (``DPMSolverMultistepScheduler``,
+the UNets loaded from the committed weights, MiniLM through transformers), the same network
+and noise as artrt's fused graphs, a different implementation of everything around them.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import psnr
 from PIL import Image
 
-from artrt.export.shapes_demo import MAX_TOKENS, PATCH, SCHEDULER_CONFIG, load_text_encoder
+from artrt.export.shapes_demo import TorchDemoPipeline
 from artrt.runtime.demo import fingerprint, weights_dir
 from artrt.runtime.images import read_parameters
 
@@ -43,35 +42,6 @@ def test_committed_weights_are_small_fp16_safetensors():
             assert {str(weights.get_tensor(k).dtype) for k in weights.keys()} == {"float16"}
 
 
-@torch.no_grad()
-def _reference(prompt: str, latents: torch.Tensor, steps: int, guidance: float, switch: float) -> np.ndarray:
-    """A PyTorch loop: two UNets on space-to-depth pixels, CFG, diffusers' DPM-Solver++(2M)."""
-    from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
-
-    from artrt.export.graphs import TextEncoderGraph
-
-    encoder = load_text_encoder()
-    ids = encoder.tokenizer(["", prompt], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
-    states = TextEncoderGraph(encoder.model, None, False, encoder.mask_pad_id)(ids)[0]
-    experts = {n: UNet2DConditionModel.from_pretrained(weights_dir() / n).float().eval()
-               for n in ("composition", "detail")}
-    cutoff = round(1000 - switch * 1000)
-    scheduler = DPMSolverMultistepScheduler.from_config(SCHEDULER_CONFIG)
-    scheduler.set_timesteps(steps)
-    x = latents * scheduler.init_noise_sigma
-    for i, t in enumerate(scheduler.timesteps.clone()):
-        name = "composition" if t >= cutoff else "detail"
-        if name == "detail" and i > 0 and scheduler.timesteps[i - 1] >= cutoff:
-            scheduler = DPMSolverMultistepScheduler.from_config(SCHEDULER_CONFIG)  # fresh history, as artrt
-            scheduler.set_timesteps(steps)
-            scheduler.set_begin_index(i)
-        x_in = F.pixel_unshuffle(torch.cat([x, x]), PATCH)
-        out = F.pixel_shuffle(experts[name](x_in, t, encoder_hidden_states=states).sample, PATCH)
-        uncond, cond = out.chunk(2)
-        x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
-    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-
-
 def test_demo_matches_pytorch_reference(demo_package):
     from artrt.runtime import Pipeline
 
@@ -83,7 +53,7 @@ def test_demo_matches_pytorch_reference(demo_package):
         result = pipe.generate(PROMPT, latents=latents.numpy())
         guidance, switch, steps = result.parameters["guidance"][0], result.parameters["switch"], d.steps
     ours = np.asarray(result.images[0])[None]
-    reference = np.round(_reference(PROMPT, latents, steps, guidance, switch) * 255).astype(np.uint8)
+    reference = np.round(TorchDemoPipeline()(PROMPT, latents, steps, guidance, switch) * 255).astype(np.uint8)
     value = psnr(ours, reference)
     print(f"PSNR artrt fp32 vs PyTorch: {value:.1f} dB")
     assert value >= 40.0
