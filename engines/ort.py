@@ -50,9 +50,10 @@ class OrtCpuEngine(OrtSessionEngine):
 
     The intra-op worker threads block between parallel sections instead of spinning
     (``spin=False``, ONNX Runtime spins by default): when other processes share the
-    cores, spinning workers take CPU time from the thread that has work. Measured on a
-    2-core machine with a training job beside it: end to end 1.5x faster on the tiny
-    random SDXL pair and 1.15x on the small one (benchmarks/README.md).
+    cores, spinning workers take CPU time from the thread that has work, and a package
+    has one pool per component. Measured on a 2-core machine: end to end 1.5x faster on
+    the tiny random SDXL pair with a training job beside it, 1.43x on a quiet machine
+    (docs/benchmarks.md).
     """
 
     backend = "ort-cpu"
