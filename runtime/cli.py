@@ -86,17 +86,23 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", type=Path, default=Path("out.png"),
                    help="output PNG (default out.png); with --num-images N: out.png, out-1.png, ...")
     p.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
-    p.add_argument("--steps", type=int, help="sampling steps")
+    _add_sampling_options(p, seed_help="noise seed (default 0)", sizes=True)
+    p.add_argument("--num-images", "-n", type=int, default=1, help="images per prompt, run as one batch")
+    _add_runtime_options(p)
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, seed_help: str, sizes: bool) -> None:
+    """Options that override a package's defaults, shared by generate, sample and demo."""
+    p.add_argument("--steps", type=int, help="sampling steps (default: the package's)")
     p.add_argument("--guidance", type=float, nargs="+", metavar="G",
                    help="classifier-free guidance: one value, or one per expert")
     p.add_argument("--switch", type=float,
                    help="fraction of the schedule run by the composition expert, in [0, 1]")
     p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)}")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--height", type=int, help="image height in pixels")
-    p.add_argument("--width", type=int, help="image width in pixels")
-    p.add_argument("--num-images", "-n", type=int, default=1, help="images per prompt, run as one batch")
-    _add_runtime_options(p)
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    if sizes:
+        p.add_argument("--height", type=int, help="image height in pixels")
+        p.add_argument("--width", type=int, help="image width in pixels")
 
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -127,14 +133,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "-m", required=True, type=Path, help="package directory")
     p.add_argument("--out", required=True, type=Path, help="output directory (created; resumed if it has a run)")
     p.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
-    p.add_argument("--steps", type=int, help="sampling steps")
-    p.add_argument("--guidance", type=float, nargs="+", metavar="G",
-                   help="classifier-free guidance: one value, or one per expert")
-    p.add_argument("--switch", type=float, help="fraction of the schedule run by the composition expert")
-    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)}")
-    p.add_argument("--seed", type=int, default=0, help="base seed: item i gets seed + i (default 0)")
-    p.add_argument("--height", type=int, help="image height in pixels")
-    p.add_argument("--width", type=int, help="image width in pixels")
+    _add_sampling_options(p, seed_help="base seed: item i gets seed + i (default 0)", sizes=True)
     p.add_argument("--num-images", "-n", type=int, default=1, help="images per item (default 1)")
     p.add_argument("--batch", type=int, default=1, help="images per engine call, at most, from items with the "
                    "same settings (default 1; GPU engines must be built for it)")
@@ -163,12 +162,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"what to draw (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--output", "-o", type=Path, default=Path("demo.png"), help="output PNG (default demo.png)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    _add_sampling_options(p, seed_help="noise seed (default 0)", sizes=False)
     p.add_argument("--num-images", "-n", type=int, default=1, help="images, run as one batch (default 1)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    p.add_argument("--guidance", type=float, nargs="+", metavar="G", help="guidance: one value or one per expert")
-    p.add_argument("--switch", type=float, help="fraction of the schedule run by the composition expert")
-    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)}")
     p.add_argument("--scale", type=int, default=8, help="enlargement of the saved image (default 8: 256x256)")
     p.add_argument("--cache", type=Path, help="where the exported model is kept (default $ARTRT_CACHE, else "
                    "~/.cache/artrt)")
