@@ -8,7 +8,11 @@ and noise, and is judged by the shapes-world evaluator (``artrt.demo.evaluate``)
 1. *selection*: switch points (and guidance values) for the expert pair, scored on validation
    prompts (held-out attribute combinations, prompt seed 1);
 2. *report*: the chosen switch, the base model alone, the composition expert alone (switch 1),
-   the detail expert alone (switch 0), on the test prompts (held out, prompt seed 0).
+   the detail expert alone (switch 0), on the test prompts (held out, prompt seed 0); with
+   ``--matched-base``, also a base model trained on as many steps as base + one expert (the same
+   compute as each expert has seen), the fair test of the split.
+Every variant sees the same prompts and noise, so differences are paired: each one is reported
+against the two experts with its standard error over the images.
 Writes ``OUT/variants.json``, ``OUT/variants.md`` and ``OUT/grid.png`` (prompts × variants).
 """
 
@@ -40,34 +44,50 @@ class Variant:
     guidance: float
 
 
-def export_packages(weights: Path, work: Path) -> dict[str, Path]:
-    """The expert pair and the base model (as both experts) as artrt packages."""
+def export_packages(weights: Path, work: Path, matched_base: Path | None = None) -> dict[str, Path]:
+    """The expert pair, the base model (as both experts) and optionally the matched base, as packages."""
     from artrt.export.shapes_demo import export_demo
 
-    packages = {"experts": work / "experts", "base": work / "base"}
-    base_weights = work / "base-weights"
-    if not base_weights.is_dir():
-        base_weights.mkdir(parents=True)
-        for name in ("composition", "detail"):
-            shutil.copytree(weights / "base", base_weights / name)
-        shutil.copy(weights / "demo.json", base_weights / "demo.json")
-    for name, folder in (("experts", weights), ("base", base_weights)):
+    bases = {"base": weights / "base"}
+    if matched_base is not None:
+        bases["matched-base"] = matched_base
+    packages = {"experts": work / "experts"}
+    folders = {"experts": weights}
+    for name, unet in bases.items():
+        folder = folders[name] = work / f"{name}-weights"
+        if not folder.is_dir():
+            folder.mkdir(parents=True)
+            for expert in ("composition", "detail"):
+                shutil.copytree(unet, folder / expert)
+            shutil.copy(weights / "demo.json", folder / "demo.json")
+        packages[name] = work / name
+    for name, folder in folders.items():
         if not (packages[name] / "artrt.json").is_file():
             export_demo(packages[name], folder, overwrite=True)
     return packages
 
 
 def run_variant(pipe: Pipeline, variant: Variant, prompts, images_per_prompt: int, steps: int):
-    """Generate ``images_per_prompt`` images per prompt (noise seed = prompt index) and score them."""
-    report, images = Report(), []
+    """Generate ``images_per_prompt`` images per prompt (noise seed = prompt index) and score them.
+
+    Returns the report, the first image of every prompt and whether each image was all right."""
+    report, images, correct = Report(), [], []
     for i, (text, spec) in enumerate(prompts):
         result = pipe.generate(text, steps=steps, guidance=variant.guidance, switch=variant.switch, seed=i,
                                num_images=images_per_prompt, sampler="dpmpp_2m")
         arrays = [np.asarray(image) for image in result.images]
         for array in arrays:
-            report.add(spec.kind, score(spec, array))
+            result = score(spec, array)
+            report.add(spec.kind, result)
+            correct.append(result.correct)
         images.append(arrays[0])
-    return report, images
+    return report, images, np.array(correct)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean of ``a - b`` over the same images (relevance points) and its standard error."""
+    d = a.astype(float) - b.astype(float)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def grid(prompts, columns: dict[str, list[np.ndarray]], rows: int, scale: int = 4) -> Image.Image:
@@ -98,10 +118,12 @@ def main() -> None:
     p.add_argument("--switches", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
     p.add_argument("--guidances", type=float, nargs="+", default=[3.0, 5.0])
     p.add_argument("--grid-rows", type=int, default=12)
+    p.add_argument("--matched-base", type=Path, help="a base UNet folder trained for base + expert steps "
+                   "(adds the compute-matched base variant)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args.out.mkdir(parents=True, exist_ok=True)
-    packages = export_packages(args.weights, args.work)
+    packages = export_packages(args.weights, args.work, args.matched_base)
     pipes = {name: Pipeline.load(path, backend="ort-cpu") for name, path in packages.items()}
     validation = evaluation_prompts(args.validation_prompts, seed=1)
     test = evaluation_prompts(args.test_prompts, seed=0)
@@ -110,7 +132,7 @@ def main() -> None:
         for switch in args.switches:
             variant = Variant(f"experts, switch {switch}", "experts", switch, guidance)
             started = time.perf_counter()
-            report, _ = run_variant(pipes["experts"], variant, validation, args.images, args.steps)
+            report, _, _ = run_variant(pipes["experts"], variant, validation, args.images, args.steps)
             selection[(switch, guidance)] = report
             log.info("validation switch %.2f guidance %.1f: relevance %.3f (%.0f s)", switch, guidance,
                      report.relevance, time.perf_counter() - started)
@@ -122,10 +144,13 @@ def main() -> None:
         Variant("composition expert alone", "experts", 1.0, guidance),
         Variant("detail expert alone", "experts", 0.0, guidance),
     ]
-    results, columns = {}, {}
+    if args.matched_base is not None:
+        variants.insert(2, Variant("base model, same compute", "matched-base", 1.0, guidance))
+    results, columns, correct = {}, {}, {}
     for variant in variants:
         started = time.perf_counter()
-        report, images = run_variant(pipes[variant.package], variant, test, args.images, args.steps)
+        report, images, correct[variant.label] = run_variant(pipes[variant.package], variant, test, args.images,
+                                                             args.steps)
         results[variant.label] = report
         columns[variant.label] = images
         log.info("test %s: relevance %.3f (%.0f s)", variant.label, report.relevance, time.perf_counter() - started)
@@ -135,6 +160,10 @@ def main() -> None:
         "selection": [{"switch": s, "guidance": g, **r.to_dict()} for (s, g), r in selection.items()],
         "test": {label: r.to_dict() for label, r in results.items()},
     }
+    pair = variants[0].label
+    differences = {label: paired_difference(correct[pair], c) for label, c in correct.items() if label != pair}
+    summary["paired_vs_two_experts"] = {label: {"difference": d, "standard_error": se}
+                                        for label, (d, se) in differences.items()}
     (args.out / "variants.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"Test: {args.test_prompts} held-out prompts x {args.images} images, {args.steps} steps dpmpp_2m, "
              f"guidance {guidance}.\n", "| variant | relevance | " + " | ".join(
@@ -147,6 +176,9 @@ def main() -> None:
         cats = [d["categories"].get(c, {}).get("accuracy", float("nan")) for c in ("colour", "shape", "count",
                                                                                     "position", "style")]
         lines.append(f"| {label} | {r.relevance:.3f} | " + " | ".join(f"{v:.3f}" for v in kinds + cats) + " |")
+    lines += ["", f"Two experts minus each variant, paired over the same {len(correct[pair])} images "
+              "(relevance, ± one standard error):", "", "| variant | difference |", "|---|---:|"]
+    lines += [f"| {label} | {d:+.3f} ± {se:.3f} |" for label, (d, se) in differences.items()]
     lines += ["", f"Selection ({args.validation_prompts} validation prompts x {args.images} images):", "",
               "| switch | guidance | relevance |", "|---:|---:|---:|"]
     lines += [f"| {s} | {g} | {r.relevance:.3f} |" for (s, g), r in selection.items()]
