@@ -52,11 +52,15 @@ class ArtrtPeer:
         from artrt.runtime import Pipeline
         from artrt.runtime.bench import EngineTimer
 
+        self.pipe = Pipeline.load(self.package(work), backend="ort-cpu", threads=threads)
+        self.timer = EngineTimer(self.pipe.engines)  # engine floor and host overhead of artrt's runs
+
+    def package(self, work: Path) -> Path:
+        """The package to run, exported into ``work`` unless it is there already."""
         package = work / "artrt"
         if not _has_cpu_graphs(package):
             export_artrt(self.models, package, self.s)
-        self.pipe = Pipeline.load(package, backend="ort-cpu", threads=threads)
-        self.timer = EngineTimer(self.pipe.engines)  # engine floor and host overhead of artrt's runs
+        return package
 
     def run(self, latents: np.ndarray) -> np.ndarray:
         s = self.s
@@ -73,26 +77,21 @@ class ArtrtPlainPeer(ArtrtPeer):
 
     name = "artrt (plain fp32 graphs)"
 
-    def prepare(self, work: Path, threads: int) -> None:
+    def package(self, work: Path) -> Path:
         import shutil
         from dataclasses import replace
 
-        from artrt.runtime import Pipeline
-        from artrt.runtime.bench import EngineTimer
         from artrt.runtime.package import read_manifest, write_manifest
 
-        package, plain = work / "artrt", work / "artrt-plain"
-        if not _has_cpu_graphs(package):
-            export_artrt(self.models, package, self.s)
+        plain = work / "artrt-plain"
         shutil.rmtree(plain, ignore_errors=True)
-        shutil.copytree(package, plain)
+        shutil.copytree(super().package(work), plain)
         manifest = read_manifest(plain)
         cpu = {c.onnx_cpu for c in manifest.components.values()}
         components = {k: replace(c, onnx_cpu=None) for k, c in manifest.components.items()}
         files = tuple(f for f in manifest.files if f.path not in cpu)
         write_manifest(plain, replace(manifest, components=components, files=files))
-        self.pipe = Pipeline.load(plain, backend="ort-cpu", threads=threads)
-        self.timer = EngineTimer(self.pipe.engines)
+        return plain
 
 
 def _has_cpu_graphs(package: Path) -> bool:
@@ -208,17 +207,14 @@ def export_optimum(folder: Path, out: Path, task: str) -> None:
 class DemoArtrtPeer(ArtrtPeer):
     """artrt on the demo package (``artrt.export.shapes_demo.export_demo``, fp32 + CPU graphs)."""
 
-    def prepare(self, work: Path, threads: int) -> None:
+    def package(self, work: Path) -> Path:
         from artrt.export.shapes_demo import export_demo
-        from artrt.runtime import Pipeline
-        from artrt.runtime.bench import EngineTimer
 
         package = work / "artrt"
         if not _has_cpu_graphs(package):
             log.info("exporting the demo package to %s", package)
             export_demo(package, self.models, overwrite=True)
-        self.pipe = Pipeline.load(package, backend="ort-cpu", threads=threads)
-        self.timer = EngineTimer(self.pipe.engines)
+        return package
 
 
 class DemoTorchPeer:

@@ -77,9 +77,9 @@ def run_variant(pipe: Pipeline, variant: Variant, prompts, images_per_prompt: in
                                num_images=images_per_prompt, sampler="dpmpp_2m")
         arrays = [np.asarray(image) for image in result.images]
         for array in arrays:
-            result = score(spec, array)
-            report.add(spec.kind, result)
-            correct.append(result.correct)
+            verdict = score(spec, array)
+            report.add(spec.kind, verdict)
+            correct.append(verdict.correct)
         images.append(arrays[0])
     return report, images, np.array(correct)
 
