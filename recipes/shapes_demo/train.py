@@ -1,7 +1,10 @@
 """Train the embedded demo model: a base denoiser on all noise levels, then two expert copies.
 
-    python recipes/shapes_demo/train.py --out build/shapes-train            # ~1.5 h on 2 CPU cores
+    python recipes/shapes_demo/train.py --out build/shapes-train            # ~2.5 h on 2 CPU cores
     cp -r build/shapes-train/weights/{composition,detail} demo/weights/     # then write demo.json
+
+The defaults are the shipped weights' recipe (docs/demo-model.md shows how they ran the two
+experts side by side, one core each).
 
 Stages, each resumable (``OUT/<stage>.pt`` is written every ``--checkpoint-every`` steps and a
 stopped run continues where it was): ``data`` (shapes-world examples of the training split,
@@ -193,8 +196,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="working directory (checkpoints, data, weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--examples", type=int, default=60000, help="training examples rendered (default 60000)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--base-steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--base-steps", type=int, default=8500)
     p.add_argument("--expert-steps", type=int, default=800)
     p.add_argument("--lr", type=float, default=5e-4, help="base learning rate (experts use 0.4x)")
     p.add_argument("--warmup", type=int, default=200)
