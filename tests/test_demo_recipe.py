@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -45,3 +46,16 @@ def test_recipe_writes_three_loadable_unets_and_resumes(tmp_path):
     assert "base: resumed at step 2" in log and "base step 3/3" in log
     assert "base step 1/" not in log
     assert "composition" not in log and "detail" not in log
+
+
+def test_learning_rate_warms_up_and_cools_down(monkeypatch):
+    spec = importlib.util.spec_from_file_location("shapes_train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "shapes_train", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    lr = module.learning_rate
+    assert lr(1.0, 0, 100, 10) == pytest.approx(0.1)  # warm-up
+    assert lr(1.0, 50, 100, 10) == 1.0 and lr(1.0, 99, 100, 10) == 1.0  # constant without a cooldown
+    assert lr(1.0, 79, 100, 10, cooldown=20) == 1.0  # before the cooldown
+    assert lr(1.0, 90, 100, 10, cooldown=20) == pytest.approx(0.5)
+    assert lr(1.0, 99, 100, 10, cooldown=20) == pytest.approx(0.05)  # the last step: 1/20 of the peak

@@ -92,6 +92,15 @@ def to_model_space(images: torch.Tensor) -> torch.Tensor:
     return F.pixel_unshuffle(x, PATCH)
 
 
+def learning_rate(peak: float, step: int, steps: int, warmup: int, cooldown: int = 0) -> float:
+    """Linear warm-up over the first ``warmup`` steps, then ``peak``; with ``cooldown`` > 0 the last
+    ``cooldown`` of the stage's ``steps`` decay it linearly towards zero."""
+    lr = peak * min(1.0, (step + 1) / warmup)
+    if cooldown > 0:
+        lr *= min(1.0, (steps - step) / cooldown)
+    return lr
+
+
 class Trainer:
     """One stage: v-prediction with min-SNR-5 loss weights, caption dropout, EMA weights."""
 
@@ -143,7 +152,7 @@ class Trainer:
         ab = self.ab[t].view(-1, 1, 1, 1)
         x0, states, t, noise, ab = (v.to(self.args.device) for v in (x0, states, t, noise, ab))
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        lr = self.stage.lr * min(1.0, (self.step + 1) / self.args.warmup)
+        lr = learning_rate(self.stage.lr, self.step, self.stage.steps, self.args.warmup, self.args.cooldown)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         pred = self.model(xt, t, encoder_hidden_states=states).sample
@@ -201,6 +210,8 @@ def main() -> None:
     p.add_argument("--expert-steps", type=int, default=800)
     p.add_argument("--lr", type=float, default=5e-4, help="base learning rate (experts use 0.4x)")
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--cooldown", type=int, default=0, help="decay the learning rate linearly to zero over "
+                   "the last N steps of every stage trained in this run (default 0: constant)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--composition-floor", type=int, default=200, help="composition expert trains on t >= this")
