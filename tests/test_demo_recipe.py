@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 TRAIN = Path(__file__).resolve().parents[1] / "recipes" / "shapes_demo" / "train.py"
 
 
-def train(out: Path, base_steps: int, *experts: str) -> str:
+def train(out: Path, base_steps: int, *experts: str, options: tuple[str, ...] = ()) -> str:
     cmd = [sys.executable, str(TRAIN), "--out", str(out), "--examples", "16", "--batch", "2", "--threads", "1",
            "--base-steps", str(base_steps), "--expert-steps", "2", "--warmup", "1", "--log-every", "1",
-           "--checkpoint-every", "1", "--experts", *experts]
+           "--checkpoint-every", "1", *options, "--experts", *experts]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stderr
@@ -46,6 +46,13 @@ def test_recipe_writes_three_loadable_unets_and_resumes(tmp_path):
     assert "base: resumed at step 2" in log and "base step 3/3" in log
     assert "base step 1/" not in log
     assert "composition" not in log and "detail" not in log
+
+    other = tmp_path / "other-unet"  # another architecture on the same data
+    other.mkdir()
+    (other / "data.pt").symlink_to(tmp_path / "data.pt")
+    train(other, 1, "detail", options=("--unet-config", '{"layers_per_block": 2}'))
+    for stage in ("base", "detail"):
+        assert UNet2DConditionModel.from_pretrained(other / "weights" / stage).config.layers_per_block == 2
 
 
 def test_learning_rate_warms_up_and_cools_down(monkeypatch):

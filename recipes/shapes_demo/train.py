@@ -109,7 +109,7 @@ class Trainer:
         self.args, self.data, self.stage = args, data, stage
         stage_seed = args.seed * 1000 + zlib.crc32(stage.name.encode()) % 1000
         torch.manual_seed(stage_seed)
-        self.model = UNet2DConditionModel(**UNET_CONFIG)
+        self.model = UNet2DConditionModel(**args.unet_config)
         if init is not None:
             self.model.load_state_dict(init)
         self.model.to(args.device)
@@ -194,8 +194,8 @@ class Trainer:
         return self.ema
 
 
-def save_weights(ema: dict[str, torch.Tensor], folder: Path) -> None:
-    model = UNet2DConditionModel(**UNET_CONFIG)
+def save_weights(ema: dict[str, torch.Tensor], folder: Path, config: dict) -> None:
+    model = UNet2DConditionModel(**config)
     model.load_state_dict({k: v.cpu() for k, v in ema.items()})
     model.half().save_pretrained(folder, safe_serialization=True)
 
@@ -219,6 +219,9 @@ def main() -> None:
     p.add_argument("--experts", nargs="*", choices=("composition", "detail"), default=["composition", "detail"],
                    help="expert stages to run after the base (run one per process to use two cores); "
                    "none (a bare --experts): the base only")
+    p.add_argument("--unet-config", type=json.loads, default={}, metavar="JSON",
+                   help="UNet settings that replace the shipped ones (artrt.export.shapes_demo.UNET_CONFIG), e.g. "
+                   "'{\"layers_per_block\": 2}'; a resumed run must pass the same")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--init", type=Path, help="start the base from these weights (a diffusers UNet folder, e.g. "
@@ -227,6 +230,7 @@ def main() -> None:
     p.add_argument("--checkpoint-every", type=int, default=200)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args.unet_config = {**UNET_CONFIG, **args.unet_config}
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     data = make_data(args.out, args.examples, args.seed)
@@ -235,13 +239,13 @@ def main() -> None:
     if args.init is not None:
         init = UNet2DConditionModel.from_pretrained(args.init).float().state_dict()
     base = Trainer(args, data, Stage("base", args.base_steps, args.lr, (0, T)), init).run()
-    save_weights(base, args.out / "weights" / "base")
+    save_weights(base, args.out / "weights" / "base", args.unet_config)
     experts = {
         "composition": Stage("composition", args.expert_steps, 0.4 * args.lr, (args.composition_floor, T)),
         "detail": Stage("detail", args.expert_steps, 0.4 * args.lr, (0, args.detail_ceiling)),
     }
     for name in args.experts:
-        save_weights(Trainer(args, data, experts[name], base).run(), args.out / "weights" / name)
+        save_weights(Trainer(args, data, experts[name], base).run(), args.out / "weights" / name, args.unet_config)
     facts = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (args.out / "weights" / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
     log.info("weights written to %s", args.out / "weights")
