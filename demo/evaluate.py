@@ -207,7 +207,7 @@ class Score:
         return counts
 
 
-def _relation_holds(relation: str, subject: Detection, reference: Detection, min_offset: float) -> bool:
+def relation_holds(relation: str, subject: Detection, reference: Detection, min_offset: float) -> bool:
     """Whether ``subject`` is ``relation`` ``reference``: mostly along the relation's axis, clearly."""
     dx, dy = subject.cx - reference.cx, subject.cy - reference.cy
     along, across = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[relation]
@@ -230,7 +230,7 @@ def _check(fact: Fact, spec: PromptSpec, detections: list[Detection], min_offset
         subject, reference = (
             [d for d in detections if (d.shape, d.colour) == (o.shape, o.colour)] for o in spec.objects
         )
-        return bool(subject and reference) and _relation_holds(spec.relation, subject[0], reference[0], min_offset)
+        return bool(subject and reference) and relation_holds(spec.relation, subject[0], reference[0], min_offset)
     raise ValueError(f"unknown fact category {fact.category!r}")
 
 

@@ -10,6 +10,7 @@ weights it writes and the graphs exported here agree by construction.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -29,6 +30,7 @@ IMAGE_SIZE = 32
 PATCH = 2  # space-to-depth factor of the UNet input
 MAX_TOKENS = 24  # captions of the shapes world fit in 20 MiniLM tokens
 EXPERTS = ("composition", "detail")
+TEXT_HEAD = "text_head"  # weights/text_head: the trained head on MiniLM's states (export/text_head.py)
 
 UNET_CONFIG: dict[str, Any] = {
     "sample_size": IMAGE_SIZE // PATCH,
@@ -80,6 +82,16 @@ def load_text_encoder() -> TextEncoderSource:
     return TextEncoderSource("text_encoder", model, tokenizer, None, False, int(tokenizer.pad_token_id))
 
 
+def load_demo_text_encoder(weights: Path = WEIGHTS) -> TextEncoderSource:
+    """MiniLM followed by the model's trained text head when ``weights`` holds one (one exported graph)."""
+    encoder = load_text_encoder()
+    if not (weights / TEXT_HEAD).is_dir():
+        return encoder
+    from .text_head import EncoderWithHead, TextHead
+
+    return dataclasses.replace(encoder, model=EncoderWithHead(encoder.model, TextHead.load(weights / TEXT_HEAD)))
+
+
 def read_card(weights: Path = WEIGHTS) -> dict[str, Any]:
     """``weights/demo.json``: defaults chosen by the evaluation and training facts."""
     path = weights / "demo.json"
@@ -89,11 +101,11 @@ def read_card(weights: Path = WEIGHTS) -> dict[str, Any]:
 
 
 def load_demo_sources(weights: Path = WEIGHTS) -> ModelSources:
-    """The demo model as export sources: MiniLM + the two experts, pixel space, no decoder."""
+    """The demo model as export sources: MiniLM (+ its text head) + the two experts, pixel space, no decoder."""
     from diffusers import UNet2DConditionModel
 
     card = read_card(weights)
-    encoder = load_text_encoder()
+    encoder = load_demo_text_encoder(weights)
     cond = Conditioning(text_encoders=(encoder.name,))
     experts = [
         ExpertSource(name, UNet2DConditionModel.from_pretrained(weights / name).float().eval(), cond, PATCH)
@@ -131,7 +143,7 @@ class TorchDemoPipeline:
 
         from .graphs import TextEncoderGraph
 
-        encoder = load_text_encoder()
+        encoder = load_demo_text_encoder(weights)
         self.tokenizer = encoder.tokenizer
         self.text_encoder = TextEncoderGraph(encoder.model, None, False, encoder.mask_pad_id)
         self.experts = {n: UNet2DConditionModel.from_pretrained(weights / n).float().eval() for n in EXPERTS}

@@ -17,6 +17,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def random_text_head(**config):
+    """A demo text head with every weight random (as after training): not the identity a new one is."""
+    import torch
+
+    from artrt.export.text_head import TextHead
+
+    head = TextHead(**config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return head.eval()
+
+
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     """Peak signal-to-noise ratio in dB of two images on the same scale."""
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))

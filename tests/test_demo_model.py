@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import psnr
+from conftest import psnr, random_text_head
 from PIL import Image
 
 from artrt.export.shapes_demo import TorchDemoPipeline
@@ -57,6 +57,28 @@ def test_demo_matches_pytorch_reference(demo_package):
     value = psnr(ours, reference)
     print(f"PSNR artrt fp32 vs PyTorch: {value:.1f} dB")
     assert value >= 40.0
+
+
+def test_text_head_is_exported_with_the_text_encoder(tmp_path):
+    """Weights with a text head (here random, not the identity): the package's text encoder graph
+    runs MiniLM then the head, and matches the PyTorch reference that does the same."""
+    from artrt.export.shapes_demo import EXPERTS, TEXT_HEAD, export_demo
+    from artrt.runtime import Pipeline
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in (*EXPERTS, "demo.json"):
+        (weights / name).symlink_to(weights_dir() / name)
+    random_text_head().save(weights / TEXT_HEAD)
+    export_demo(tmp_path / "package", weights)
+    latents = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with Pipeline.load(tmp_path / "package", backend="ort-cpu") as pipe:
+        result = pipe.generate(PROMPT, latents=latents.numpy(), steps=8, guidance=2.0, switch=0.5)
+    reference = TorchDemoPipeline(weights)(PROMPT, latents, 8, 2.0, 0.5)
+    plain = TorchDemoPipeline()(PROMPT, latents, 8, 2.0, 0.5)  # the same experts without the head
+    ours = np.asarray(result.images[0])[None]
+    assert psnr(ours, np.round(reference * 255).astype(np.uint8)) >= 40.0
+    assert psnr(ours, np.round(plain * 255).astype(np.uint8)) < 30.0  # the head changed the image
 
 
 def test_shipped_model_draws_what_it_is_asked(demo_package):

@@ -55,14 +55,30 @@ def test_recipe_writes_three_loadable_unets_and_resumes(tmp_path):
         assert UNet2DConditionModel.from_pretrained(other / "weights" / stage).config.layers_per_block == 2
 
 
-def test_learning_rate_warms_up_and_cools_down(monkeypatch):
+@pytest.fixture
+def recipe(monkeypatch):
+    """The training script as a module."""
     spec = importlib.util.spec_from_file_location("shapes_train", TRAIN)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "shapes_train", module)  # dataclasses look their module up
     spec.loader.exec_module(module)
-    lr = module.learning_rate
+    return module
+
+
+def test_learning_rate_warms_up_and_cools_down(recipe):
+    lr = recipe.learning_rate
     assert lr(1.0, 0, 100, 10) == pytest.approx(0.1)  # warm-up
     assert lr(1.0, 50, 100, 10) == 1.0 and lr(1.0, 99, 100, 10) == 1.0  # constant without a cooldown
     assert lr(1.0, 79, 100, 10, cooldown=20) == 1.0  # before the cooldown
     assert lr(1.0, 90, 100, 10, cooldown=20) == pytest.approx(0.5)
     assert lr(1.0, 99, 100, 10, cooldown=20) == pytest.approx(0.05)  # the last step: 1/20 of the peak
+
+
+def test_loss_weights_min_snr_and_plain_v(recipe):
+    alpha_bar = recipe.alphas_cumprod()[torch.tensor([0, 200, 500, 999])]
+    snr = alpha_bar / (1 - alpha_bar)
+    min_snr = recipe.loss_weight(alpha_bar, 5.0)
+    assert min_snr[0] == pytest.approx(5 / (snr[0] + 1))  # clamped at low noise
+    assert min_snr[2] == pytest.approx(snr[2] / (snr[2] + 1))  # ~snr at high noise
+    assert min_snr[3] < 1e-4  # t = 999 weighs almost nothing
+    assert torch.equal(recipe.loss_weight(alpha_bar, 0.0), torch.ones(4))  # plain v loss

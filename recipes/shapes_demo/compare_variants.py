@@ -46,7 +46,7 @@ class Variant:
 
 def export_packages(weights: Path, work: Path, matched_base: Path | None = None) -> dict[str, Path]:
     """The expert pair, the base model (as both experts) and optionally the matched base, as packages."""
-    from artrt.export.shapes_demo import export_demo
+    from artrt.export.shapes_demo import TEXT_HEAD, export_demo
 
     bases = {"base": weights / "base"}
     if matched_base is not None:
@@ -60,6 +60,8 @@ def export_packages(weights: Path, work: Path, matched_base: Path | None = None)
             for expert in ("composition", "detail"):
                 shutil.copytree(unet, folder / expert)
             shutil.copy(weights / "demo.json", folder / "demo.json")
+            if (weights / TEXT_HEAD).is_dir():  # the base's text head: the one the experts were trained with
+                shutil.copytree(weights / TEXT_HEAD, folder / TEXT_HEAD)
         packages[name] = work / name
     for name, folder in folders.items():
         if not (packages[name] / "artrt.json").is_file():

@@ -32,6 +32,7 @@ from diffusers import UNet2DConditionModel
 from artrt.demo.world import sample_example
 from artrt.export.graphs import TextEncoderGraph
 from artrt.export.shapes_demo import MAX_TOKENS, PATCH, SCHEDULER_CONFIG, UNET_CONFIG, load_text_encoder
+from artrt.export.text_head import TextHead
 
 log = logging.getLogger("train")
 
@@ -101,11 +102,24 @@ def learning_rate(peak: float, step: int, steps: int, warmup: int, cooldown: int
     return lr
 
 
+def loss_weight(alpha_bar: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
+    """Per-example weight of the v-prediction loss.
+
+    ``min_snr_gamma`` > 0: min-SNR-γ (Hang et al. 2023), ``min(snr, γ) / (snr + 1)``; on the x0 error
+    that is ``min(snr, γ)``, so high noise (snr << 1, where the layout is decided) weighs almost
+    nothing. 0: the plain v loss, ``snr + 1`` on the x0 error (Salimans & Ho 2022), at least 1 everywhere.
+    """
+    if min_snr_gamma <= 0:
+        return torch.ones_like(alpha_bar)
+    snr = alpha_bar / (1 - alpha_bar)
+    return torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
+
+
 class Trainer:
-    """One stage: v-prediction with min-SNR-5 loss weights, caption dropout, EMA weights."""
+    """One stage: v-prediction (loss weights: :func:`loss_weight`), caption dropout, EMA weights."""
 
     def __init__(self, args: argparse.Namespace, data: dict[str, torch.Tensor], stage: Stage,
-                 init: dict[str, torch.Tensor] | None) -> None:
+                 init: dict[str, torch.Tensor] | None, text_head: bool = False) -> None:
         self.args, self.data, self.stage = args, data, stage
         stage_seed = args.seed * 1000 + zlib.crc32(stage.name.encode()) % 1000
         torch.manual_seed(stage_seed)
@@ -113,24 +127,39 @@ class Trainer:
         if init is not None:
             self.model.load_state_dict(init)
         self.model.to(args.device)
-        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=stage.lr, weight_decay=0.0)
+        self.head = TextHead(data["states"].shape[-1], MAX_TOKENS).to(args.device) if text_head else None
         self.step = 0
         self.generator = torch.Generator().manual_seed(stage_seed + 1)
         self.ab = alphas_cumprod()
         self.path = args.out / f"{stage.name}.pt"
-        if self.path.is_file():
-            state = torch.load(self.path, map_location=args.device)
+        state = torch.load(self.path, map_location=args.device) if self.path.is_file() else {}
+        if "head" in state and self.head is None:
+            raise SystemExit(f"{self.path} was trained with a text head: pass --text-head")
+        if state:
             self.model.load_state_dict(state["model"])
-            self.ema = state["ema"]
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.generator.set_state(state["generator"])
             self.step = state["step"]
-            log.info("%s: resumed at step %d", stage.name, self.step)
+            self.generator.set_state(state["generator"])
+        if self.head is not None and "head" in state:
+            self.head.load_state_dict(state["head"])
+        if state and "head" not in state:  # the UNet's optimizer state; a head added now starts fresh
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.head is not None:
+            self.optimizer.add_param_group({"params": list(self.head.parameters())})
+        if "head" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.ema = state.get("ema") or {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.head_ema = state.get("head_ema") or (
+            {k: v.detach().clone() for k, v in self.head.state_dict().items()} if self.head is not None else {})
+        if state:
+            log.info("%s: resumed at step %d%s", stage.name, self.step,
+                     ", adding a text head" if self.head is not None and "head" not in state else "")
 
     def save(self) -> None:
         state = {"model": self.model.state_dict(), "ema": self.ema, "optimizer": self.optimizer.state_dict(),
                  "generator": self.generator.get_state(), "step": self.step}
+        if self.head is not None:
+            state.update(head=self.head.state_dict(), head_ema=self.head_ema)
         tmp = self.path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(self.path)
@@ -155,14 +184,15 @@ class Trainer:
         lr = learning_rate(self.stage.lr, self.step, self.stage.steps, self.args.warmup, self.args.cooldown)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.head is not None:
+            states = self.head(states)
         pred = self.model(xt, t, encoder_hidden_states=states).sample
         target = ab.sqrt() * noise - (1 - ab).sqrt() * x0  # v
-        snr = ab.view(-1) / (1 - ab.view(-1))
-        weight = torch.clamp(snr, max=5.0) / (snr + 1)  # min-SNR-5 for v-prediction
+        weight = loss_weight(ab.view(-1), self.args.min_snr_gamma)
         loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]], 1.0)
         self.optimizer.step()
         self.update_ema()
         self.step += 1
@@ -171,11 +201,13 @@ class Trainer:
     @torch.no_grad()
     def update_ema(self) -> None:
         decay = min(self.args.ema, (1 + self.step) / (10 + self.step))
-        for k, v in self.model.state_dict().items():
-            if v.is_floating_point():
-                self.ema[k].mul_(decay).add_(v, alpha=1 - decay)
-            else:
-                self.ema[k].copy_(v)
+        pairs = [(self.model, self.ema)] + ([(self.head, self.head_ema)] if self.head is not None else [])
+        for module, ema in pairs:
+            for k, v in module.state_dict().items():
+                if v.is_floating_point():
+                    ema[k].mul_(decay).add_(v, alpha=1 - decay)
+                else:
+                    ema[k].copy_(v)
 
     def run(self) -> dict[str, torch.Tensor]:
         self.model.train()
@@ -200,6 +232,13 @@ def save_weights(ema: dict[str, torch.Tensor], folder: Path, config: dict) -> No
     model.half().save_pretrained(folder, safe_serialization=True)
 
 
+@torch.no_grad()
+def through_head(head: TextHead, states: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """The cached token states passed through the (frozen) text head, as the exported text encoder gives them."""
+    head = head.float().eval()
+    return torch.cat([head(states[i:i + batch].float()).half() for i in range(0, len(states), batch)])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="working directory (checkpoints, data, weights)")
@@ -212,6 +251,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--cooldown", type=int, default=0, help="decay the learning rate linearly to zero over "
                    "the last N steps of every stage trained in this run (default 0: constant)")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR loss weights with this γ "
+                   "(default 5); 0: the unweighted v-prediction loss")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--composition-floor", type=int, default=200, help="composition expert trains on t >= this")
@@ -222,6 +263,8 @@ def main() -> None:
     p.add_argument("--unet-config", type=json.loads, default={}, metavar="JSON",
                    help="UNet settings that replace the shipped ones (artrt.export.shapes_demo.UNET_CONFIG), e.g. "
                    "'{\"layers_per_block\": 2}'; a resumed run must pass the same")
+    p.add_argument("--text-head", action="store_true", help="train a text head (artrt.export.text_head) with "
+                   "the base, frozen for the experts; a base checkpoint without one gets a fresh head")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--init", type=Path, help="start the base from these weights (a diffusers UNet folder, e.g. "
@@ -238,8 +281,14 @@ def main() -> None:
     init = None
     if args.init is not None:
         init = UNet2DConditionModel.from_pretrained(args.init).float().state_dict()
-    base = Trainer(args, data, Stage("base", args.base_steps, args.lr, (0, T)), init).run()
+    trainer = Trainer(args, data, Stage("base", args.base_steps, args.lr, (0, T)), init, args.text_head)
+    base = trainer.run()
     save_weights(base, args.out / "weights" / "base", args.unet_config)
+    if trainer.head is not None:
+        head = TextHead(**trainer.head.config)
+        head.load_state_dict({k: v.cpu() for k, v in trainer.head_ema.items()})
+        head.save(args.out / "weights" / "text_head")
+        data = {**data, "states": through_head(head, data["states"])}
     experts = {
         "composition": Stage("composition", args.expert_steps, 0.4 * args.lr, (args.composition_floor, T)),
         "detail": Stage("detail", args.expert_steps, 0.4 * args.lr, (0, args.detail_ceiling)),
