@@ -95,6 +95,26 @@ def parse_prompt(text: str) -> PromptSpec:
     return PromptSpec("relation", (sides[0][0], sides[1][0]), relation=relation)
 
 
+def word_sides(text: str) -> list[int]:
+    """Per word of a caption (``text.split()``): +1 if it describes the object on the left or on top,
+    -1 the other object, 0 the relation phrase and every word of a single or count caption.
+
+    What a relation caption says about each object's side follows from the grammar alone: the
+    subject is named first, and "left of" or "above" puts it left or on top. The demo model's
+    text head learns to write this into the token states (``recipes/shapes_demo/train.py``).
+    """
+    words = text.lower().split()
+    where = next((i for i, word in enumerate(words) if word in _RELATION_KEYWORDS), None)
+    if where is None:
+        return [0] * len(words)
+    relation = _RELATION_KEYWORDS[words[where]]
+    start, end = _relation_span(words, where, relation, text)
+    if start > 0 and words[start - 1] in ("is", "are"):
+        start -= 1
+    sign = 1 if relation in ("left of", "above") else -1
+    return [sign] * start + [0] * (end - start) + [-sign] * (len(words) - end)
+
+
 def _relation_span(words: list[str], where: int, relation: str, text: str) -> tuple[int, int]:
     """Token range of the relation phrase whose keyword is at ``where``."""
     if relation not in ("left of", "right of"):

@@ -33,6 +33,7 @@ def test_recipe_writes_three_loadable_unets_and_resumes(tmp_path):
     assert data["images"].shape == (16, 32, 32, 3)
     assert data["states"].shape[0] == int(data["caption_index"].max()) + 1  # every caption encoded
     assert data["states"][0, :2].any() and not data["states"][0, 2:].any()  # "" = [CLS] [SEP], padding zeroed
+    assert data["sides"].shape == (data["states"].shape[0], 24) and not data["sides"][0].any()
     stored = load_file(tmp_path / "weights" / "base" / "diffusion_pytorch_model.safetensors")
     assert {w.dtype for w in stored.values()} == {torch.float16}
     base = UNet2DConditionModel.from_pretrained(tmp_path / "weights" / "base").state_dict()
@@ -53,6 +54,15 @@ def test_recipe_writes_three_loadable_unets_and_resumes(tmp_path):
     train(other, 1, "detail", options=("--unet-config", '{"layers_per_block": 2}'))
     for stage in ("base", "detail"):
         assert UNet2DConditionModel.from_pretrained(other / "weights" / stage).config.layers_per_block == 2
+
+    headed = tmp_path / "text-head"  # a text head with its role loss, trained with the base
+    headed.mkdir()
+    (headed / "data.pt").symlink_to(tmp_path / "data.pt")
+    train(headed, 1, "detail", options=("--text-head", "--role-loss", "1"))
+    from artrt.export.text_head import TextHead
+
+    assert TextHead.load(headed / "weights" / "text_head").config["tokens"] == 24
+    assert "base step 2/2" in train(headed, 2, options=("--text-head",))  # resumes with its head
 
 
 @pytest.fixture

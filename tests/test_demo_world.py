@@ -75,6 +75,25 @@ def test_every_caption_parses_back_to_its_spec():
     assert len(seen) > 1500  # paraphrases, not one caption per spec
 
 
+def test_word_sides_follow_the_relation_and_the_word_order():
+    from artrt.demo.captions import word_sides
+
+    assert word_sides("a red circle left of a blue square") == [1, 1, 1, 0, 0, -1, -1, -1]
+    assert word_sides("a blue square right of a red circle") == [-1, -1, -1, 0, 0, 1, 1, 1]
+    assert word_sides("the green square is below the red circle") == [-1, -1, -1, 0, 0, 1, 1, 1]
+    assert word_sides("a circle to the left of a square") == [1, 1, 0, 0, 0, 0, -1, -1]
+    assert word_sides("three red circles") == [0, 0, 0] and word_sides("") == []
+    rng = np.random.default_rng(3)
+    for _ in range(300):  # every relation caption: each object's words on its own side
+        spec = sample_spec(rng, "all", kind="relation")
+        text = caption(spec, rng)
+        words, sides = text.split(), word_sides(text)
+        subject = words.index(spec.objects[0].shape)  # named first
+        reference = len(words) - 1 - words[::-1].index(spec.objects[1].shape)  # named last
+        first = 1 if spec.relation in ("left of", "above") else -1
+        assert (sides[subject], sides[reference]) == (first, -first), text
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from artrt.demo.world import sample_example
+from artrt.demo.captions import caption, word_sides
+from artrt.demo.world import layout, sample_example, sample_spec
 from artrt.export.graphs import TextEncoderGraph
 from artrt.export.shapes_demo import MAX_TOKENS, PATCH, SCHEDULER_CONFIG, UNET_CONFIG, load_text_encoder
 from artrt.export.text_head import TextHead
@@ -45,11 +46,24 @@ class Stage:
     t_range: tuple[int, int]  # timesteps sampled uniformly in [lo, hi)
 
 
+ROLE_SCALE = 3.0  # the text head writes +-3 (a third of a MiniLM token state's norm) along ROLE_DIRECTION
+
+
 def make_data(out: Path, examples: int, seed: int) -> dict[str, torch.Tensor]:
-    """Render ``examples`` training-split examples and encode their captions (cached in OUT/data.pt)."""
+    """Render ``examples`` training-split examples and encode their captions (cached in OUT/data.pt).
+
+    ``sides`` ``[captions, MAX_TOKENS]``: each token's :func:`artrt.demo.captions.word_sides`, the
+    text head's auxiliary target (a cache written before it existed gets it added)."""
     path = out / "data.pt"
     if path.is_file():
-        return torch.load(path)
+        data = torch.load(path)
+        if "sides" not in data:
+            data["sides"] = token_sides(replay_captions(examples, seed))
+            assert len(data["sides"]) == len(data["states"]), "data.pt was made with other --examples/--seed"
+            tmp = path.resolve().with_suffix(".tmp")
+            torch.save(data, tmp)
+            tmp.replace(path.resolve())
+        return data
     rng = np.random.default_rng(seed)
     images = np.empty((examples, 32, 32, 3), dtype=np.uint8)
     captions: dict[str, int] = {"": 0}  # index 0: the empty prompt (classifier-free guidance)
@@ -62,10 +76,35 @@ def make_data(out: Path, examples: int, seed: int) -> dict[str, torch.Tensor]:
         if (i + 1) % 10000 == 0:
             log.info("rendered %d/%d examples (%.0f s)", i + 1, examples, time.perf_counter() - started)
     states = encode(list(captions))
-    data = {"images": torch.from_numpy(images), "caption_index": torch.from_numpy(index), "states": states}
+    data = {"images": torch.from_numpy(images), "caption_index": torch.from_numpy(index), "states": states,
+            "sides": token_sides(list(captions))}
     torch.save(data, path)
     log.info("%d examples, %d distinct captions", examples, len(captions))
     return data
+
+
+def replay_captions(examples: int, seed: int) -> list[str]:
+    """The distinct captions of :func:`make_data`, in its order, without rendering (same random draws)."""
+    rng = np.random.default_rng(seed)
+    captions: dict[str, None] = {"": None}
+    for _ in range(examples):
+        spec = sample_spec(rng, "train")  # as sample_example draws: spec, caption, layout
+        captions.setdefault(caption(spec, rng))
+        layout(spec, rng)
+    return list(captions)
+
+
+def token_sides(captions: list[str]) -> torch.Tensor:
+    """Per caption and token: the side of the object its word describes (+1 left/top, -1 other, 0 none)."""
+    tokenizer = load_text_encoder().tokenizer
+    batch = tokenizer(captions, padding="max_length", truncation=True, max_length=MAX_TOKENS)
+    sides = torch.zeros(len(captions), MAX_TOKENS, dtype=torch.int8)
+    for i, text in enumerate(captions):
+        words = word_sides(text)
+        for j, word in enumerate(batch.word_ids(i)):
+            if word is not None:
+                sides[i, j] = words[word]
+    return sides
 
 
 @torch.no_grad()
@@ -129,7 +168,10 @@ class Trainer:
         self.model.to(args.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=stage.lr, weight_decay=0.0)
         self.head = TextHead(data["states"].shape[-1], MAX_TOKENS).to(args.device) if text_head else None
+        direction = torch.randn(data["states"].shape[-1], generator=torch.Generator().manual_seed(args.seed))
+        self.role_direction = (direction / direction.norm()).to(args.device)
         self.step = 0
+        self.role_values: list[float] = []  # the head's role loss since the last log line
         self.generator = torch.Generator().manual_seed(stage_seed + 1)
         self.ab = alphas_cumprod()
         self.path = args.out / f"{stage.name}.pt"
@@ -164,19 +206,30 @@ class Trainer:
         torch.save(state, tmp)
         tmp.replace(self.path)
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         g, n = self.generator, self.data["images"].shape[0]
         rows = torch.randint(0, n, (self.args.batch,), generator=g)
         x0 = to_model_space(self.data["images"][rows])
         captions = self.data["caption_index"][rows]
         drop = torch.rand(self.args.batch, generator=g) < self.args.caption_dropout
-        states = self.data["states"][torch.where(drop, 0, captions)].float()
+        captions = torch.where(drop, 0, captions)
+        states = self.data["states"][captions].float()
         lo, hi = self.stage.t_range
         t = torch.randint(lo, hi, (self.args.batch,), generator=g)
-        return x0, states, t
+        return x0, states, t, captions
+
+    def role_loss(self, states: torch.Tensor, out: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """Auxiliary loss of the text head: along a fixed direction, its residual on each token is
+        ``ROLE_SCALE`` times the token's side (left/top object +1, the other -1; other tokens free)."""
+        sides = self.data["sides"][captions].to(out.device, out.dtype)
+        along = (out - states) @ self.role_direction
+        labelled = sides != 0
+        if not labelled.any():
+            return out.new_zeros(())
+        return (along - ROLE_SCALE * sides)[labelled].pow(2).mean()
 
     def train_step(self) -> float:
-        x0, states, t = self.batch()
+        x0, states, t, captions = self.batch()
         noise = torch.randn(x0.shape, generator=self.generator)  # drawn on the CPU: same on any device
         ab = self.ab[t].view(-1, 1, 1, 1)
         x0, states, t, noise, ab = (v.to(self.args.device) for v in (x0, states, t, noise, ab))
@@ -184,15 +237,22 @@ class Trainer:
         lr = learning_rate(self.stage.lr, self.step, self.stage.steps, self.args.warmup, self.args.cooldown)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        role = None
         if self.head is not None:
+            text = states
             states = self.head(states)
+            if self.args.role_loss > 0:
+                role = self.role_loss(text, states, captions)
         pred = self.model(xt, t, encoder_hidden_states=states).sample
         target = ab.sqrt() * noise - (1 - ab).sqrt() * x0  # v
         weight = loss_weight(ab.view(-1), self.args.min_snr_gamma)
         loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]], 1.0)
+        if role is not None:
+            self.role_values.append(role.item())
+        (loss if role is None else loss + self.args.role_loss * role).backward()
+        for group in self.optimizer.param_groups:  # the UNet's and the head's norms apart
+            torch.nn.utils.clip_grad_norm_(group["params"], 1.0)
         self.optimizer.step()
         self.update_ema()
         self.step += 1
@@ -218,9 +278,10 @@ class Trainer:
             if self.step % self.args.log_every == 0:
                 rate = (self.step - first) / (time.perf_counter() - started)
                 eta = (self.stage.steps - self.step) / rate
-                log.info("%s step %d/%d loss %.4f (%.2f it/s, eta %.0f min)", self.stage.name, self.step,
-                         self.stage.steps, float(np.mean(losses)), rate, eta / 60)
-                losses = []
+                role = f" role {np.mean(self.role_values):.3f}" if self.role_values else ""
+                log.info("%s step %d/%d loss %.4f%s (%.2f it/s, eta %.0f min)", self.stage.name, self.step,
+                         self.stage.steps, float(np.mean(losses)), role, rate, eta / 60)
+                losses, self.role_values = [], []
             if self.step % self.args.checkpoint_every == 0 or self.step == self.stage.steps:
                 self.save()
         return self.ema
@@ -265,6 +326,8 @@ def main() -> None:
                    "'{\"layers_per_block\": 2}'; a resumed run must pass the same")
     p.add_argument("--text-head", action="store_true", help="train a text head (artrt.export.text_head) with "
                    "the base, frozen for the experts; a base checkpoint without one gets a fresh head")
+    p.add_argument("--role-loss", type=float, default=0.0, help="weight of the text head's auxiliary loss: "
+                   "write each token's side (artrt.demo.captions.word_sides) into its state (default 0: none)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--init", type=Path, help="start the base from these weights (a diffusers UNet folder, e.g. "
