@@ -92,3 +92,17 @@ def test_loss_weights_min_snr_and_plain_v(recipe):
     assert min_snr[2] == pytest.approx(snr[2] / (snr[2] + 1))  # ~snr at high noise
     assert min_snr[3] < 1e-4  # t = 999 weighs almost nothing
     assert torch.equal(recipe.loss_weight(alpha_bar, 0.0), torch.ones(4))  # plain v loss
+
+
+def test_relation_probe_mirrors_only_the_direction(monkeypatch):
+    monkeypatch.syspath_prepend(str(TRAIN.parent))  # the probe imports the recipe's train module
+    from relation_probe import relation_examples
+
+    from artrt.demo.captions import parse_prompt
+    from artrt.demo.spec import CONVERSE, is_heldout
+
+    x0, true, mirrored = relation_examples(6, seed=7)
+    assert x0.shape == (6, 12, 16, 16)  # space-to-depth renders
+    for text, other in zip(true, mirrored):
+        spec, flipped = parse_prompt(text), parse_prompt(other)
+        assert is_heldout(spec) and flipped.objects == spec.objects and flipped.relation == CONVERSE[spec.relation]
