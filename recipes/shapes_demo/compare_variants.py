@@ -60,8 +60,9 @@ def export_packages(weights: Path, work: Path, matched_base: Path | None = None)
             for expert in ("composition", "detail"):
                 shutil.copytree(unet, folder / expert)
             shutil.copy(weights / "demo.json", folder / "demo.json")
-            if (weights / TEXT_HEAD).is_dir():  # the base's text head: the one the experts were trained with
-                shutil.copytree(weights / TEXT_HEAD, folder / TEXT_HEAD)
+            head = unet.parent / TEXT_HEAD  # the text head trained with this base (OUT/weights/text_head)
+            if head.is_dir():
+                shutil.copytree(head, folder / TEXT_HEAD)
         packages[name] = work / name
     for name, folder in folders.items():
         if not (packages[name] / "artrt.json").is_file():
