@@ -182,13 +182,13 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.step = state["step"]
             self.generator.set_state(state["generator"])
-        if self.head is not None and "head" in state:
-            self.head.load_state_dict(state["head"])
-        if state and "head" not in state:  # the UNet's optimizer state; a head added now starts fresh
-            self.optimizer.load_state_dict(state["optimizer"])
         if self.head is not None:
+            if "head" in state:
+                self.head.load_state_dict(state["head"])
+            elif state:  # a head added to a trained UNet: keep the UNet's optimizer state, the head starts fresh
+                self.optimizer.load_state_dict(state.pop("optimizer"))
             self.optimizer.add_param_group({"params": list(self.head.parameters())})
-        if "head" in state:
+        if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         self.ema = state.get("ema") or {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.head_ema = state.get("head_ema") or (
