@@ -26,6 +26,11 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def max_threads() -> int:
+    """The most intra-op threads worth asking for: the machine's logical CPUs."""
+    return os.cpu_count() or 1
+
+
 class OrtSessionEngine(Engine):
     """What the ONNX Runtime backends share: a session and the tensors it describes."""
 

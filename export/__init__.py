@@ -6,14 +6,14 @@ package) does not pull in torch.
 
 from typing import Any
 
-__all__ = ["ModelSources", "export_package", "load_same_arch", "load_sdxl_ensemble"]
+__all__ = ["ModelSources", "check_output_dir", "export_package", "load_same_arch", "load_sdxl_ensemble"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "export_package":
-        from .package_export import export_package
+    if name in ("export_package", "check_output_dir"):
+        from . import package_export
 
-        return export_package
+        return getattr(package_export, name)
     if name in ("ModelSources", "load_same_arch", "load_sdxl_ensemble"):
         from . import sources
 

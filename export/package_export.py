@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -15,6 +17,8 @@ import torch
 import artrt
 from artrt.runtime.errors import InputError
 from artrt.runtime.package import (
+    FORMAT_NAME,
+    MANIFEST_NAME,
     Component,
     Defaults,
     Expert,
@@ -52,16 +56,17 @@ def export_package(
     (``model_fp16.onnx``), and so does the VAE decoder when ``fp16_vae`` says it is
     fp16-safe (SDXL's original VAE overflows in fp16). The package is assembled in
     ``out.partial`` and renamed into place at the end, so an interrupted export never
-    leaves a half-written package behind.
+    leaves a half-written package behind. ``out`` is checked first (see
+    :func:`check_output_dir`): ``overwrite`` replaces only an artrt package or an empty directory.
     """
-    out = Path(out)
+    out = check_output_dir(out, overwrite)
     fp16 = _check_precisions(precisions, fp16_vae)
     if not 0.0 <= switch <= 1.0:
         raise InputError(f"--switch must be in [0, 1], got {switch}")
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass --overwrite to replace it")
-    work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
+    work = _beside(out, ".partial")
+    if work.exists():
+        log.warning("removing %s, left by an interrupted export", work)
+        shutil.rmtree(work)
     work.mkdir(parents=True)
     started = time.perf_counter()
     components: dict[str, Component] = {}
@@ -102,11 +107,89 @@ def export_package(
     )
     manifest = add_cpu_graphs(work, manifest)  # ort-cpu graphs with fused attention
     write_manifest(work, manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    _move_into_place(work, out, overwrite)
     log.info("package written to %s in %.1f s", out, time.perf_counter() - started)
     return manifest
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an output directory that an export could not write or must not delete.
+
+    Deletes and writes nothing, so callers can run it before any slow work; returns ``out``
+    made absolute. ``out`` must not exist or, with ``overwrite``, be an artrt package or an
+    empty directory: anything else may hold the user's own files. Its nearest existing
+    parent must be a writable directory. ``OUT.partial`` (where the package is assembled)
+    and ``OUT.old`` (where the replaced package waits to be deleted) may only be leftovers
+    of an interrupted export: directories, ``OUT.old`` also a package or empty.
+    """
+    out = Path(os.path.abspath(out))
+    if out.is_symlink():
+        raise InputError(f"{out} is a symbolic link; give the directory itself or another --out")
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out} is a file, not a package directory; choose another --out")
+        if not overwrite:
+            raise InputError(f"{out} already exists; pass --overwrite to replace it")
+        if not _replaceable(out):
+            raise InputError(f"{out} is neither an artrt package ({MANIFEST_NAME}) nor empty, so --overwrite "
+                             "will not delete it; choose another --out or empty it yourself")
+    parent = out.parent
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot create {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create {out}: directory {parent} is not writable")
+    partial, old = _beside(out, ".partial"), _beside(out, ".old")
+    if os.path.lexists(partial) and (partial.is_symlink() or not partial.is_dir()):
+        raise InputError(f"{partial} is not an interrupted export's directory but export needs that name; "
+                         "move it away or choose another --out")
+    if os.path.lexists(old) and not _replaceable(old):
+        raise InputError(f"{old} is neither an artrt package nor empty but export needs that name; "
+                         "move it away or choose another --out")
+    return out
+
+
+def _beside(out: Path, suffix: str) -> Path:
+    return out.with_name(out.name + suffix)
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether ``path`` is a real directory that is empty or holds an artrt package (any
+    format version; files are not verified)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        if not any(path.iterdir()):
+            return True
+        data = json.loads((path / MANIFEST_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT_NAME and {
+        "format_version", "components", "experts", "files"} <= data.keys()
+
+
+def _move_into_place(work: Path, out: Path, overwrite: bool) -> None:
+    """Rename ``work`` to ``out``. What ``out`` held is first renamed to ``OUT.old`` and
+    deleted last, so a failure in between leaves the old or the new package in place."""
+    check_output_dir(out, overwrite)  # out may have changed during the export
+    old = _beside(out, ".old")
+    if os.path.lexists(old):
+        log.warning("removing %s, left by an interrupted export", old)
+        shutil.rmtree(old)
+    moved = os.path.lexists(out)
+    if moved:
+        out.rename(old)
+    try:
+        work.rename(out)
+    except OSError as exc:
+        if moved:
+            old.rename(out)
+        raise InputError(f"cannot move the new package into {out} ({exc}); it is in {work}") from None
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):
+            log.warning("could not delete the replaced package %s; delete it yourself", old)
 
 
 def _check_precisions(precisions: Sequence[str], fp16_vae: bool) -> bool:
@@ -283,4 +366,4 @@ def _export_decoder(vae: torch.nn.Module, work: Path, latent: tuple[int, int], f
     return _component("vae_decoder", "vae_decoder", work, graphs), written
 
 
-__all__ = ["export_package"]
+__all__ = ["check_output_dir", "export_package"]

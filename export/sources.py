@@ -114,6 +114,12 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _has(index: dict, component: str) -> bool:
+    """Whether a model_index.json lists ``component`` (a refiner lists text_encoder as [null, null])."""
+    entry = index.get(component)
+    return isinstance(entry, list) and any(entry)
+
+
 def load_sdxl_ensemble(base: Path, refiner: Path) -> ModelSources:
     """SDXL base (t >= cutoff) + SDXL refiner (t < cutoff), each with its own conditioning."""
     base_index, refiner_index = _model_index(base), _model_index(refiner)
@@ -121,6 +127,12 @@ def load_sdxl_ensemble(base: Path, refiner: Path) -> ModelSources:
         raise ConfigError(f"{base}: --base must be an SDXL pipeline, found {base_index.get('_class_name')}")
     if refiner_index.get("_class_name") not in SDXL_PIPELINES:
         raise ConfigError(f"{refiner}: --refiner must be an SDXL pipeline folder")
+    if not _has(base_index, "text_encoder") and _has(refiner_index, "text_encoder"):
+        raise ConfigError(f"--base {base} looks like a refiner (no text_encoder) and --refiner {refiner} like a "
+                          "base: swap them")
+    if not _has(base_index, "text_encoder"):
+        raise ConfigError(f"--base {base} has no text_encoder: the composition expert must be an SDXL base "
+                          "pipeline (two text encoders)")
     encoders = {
         "text_encoder": _load_text_encoder(base, "text_encoder", "tokenizer", "text_encoder", -2),
         "text_encoder_2": _load_text_encoder(base, "text_encoder_2", "tokenizer_2", "text_encoder_2", -2),

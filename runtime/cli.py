@@ -171,6 +171,21 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads per engine (default: one per core)")
 
 
+def _quiet_option() -> argparse.ArgumentParser:
+    """``-q`` accepted after the subcommand too (SUPPRESS: it never resets one given before it)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="only print errors")
+    return parent
+
+
+class _SubParsers(argparse._SubParsersAction):
+    """Every subcommand also takes ``-q``."""
+
+    def add_parser(self, name: str, **kwargs):  # type: ignore[no-untyped-def, override]
+        kwargs.setdefault("parents", []).append(_quiet_option())
+        return super().add_parser(name, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import artrt
 
@@ -181,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"artrt {artrt.__version__}")
     parser.add_argument("--quiet", "-q", action="store_true", help="only print errors")
+    parser.register("action", "parsers", _SubParsers)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_export(sub)
     _add_build(sub)
@@ -196,12 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> None:
     try:
-        from artrt.export import export_package, load_same_arch, load_sdxl_ensemble
+        from artrt.export import check_output_dir, export_package, load_same_arch, load_sdxl_ensemble
     except ImportError as exc:
         raise InputError(f"export needs the 'export' extra (pip install 'artrt[export]'): {exc}") from None
     for folder in (args.base, args.refiner, args.detail_unet):
         if folder is not None and not folder.is_dir():
             raise InputError(f"folder not found: {folder}")
+    check_output_dir(args.out, args.overwrite)  # before loading any weights
     if args.refiner is not None:
         sources = load_sdxl_ensemble(args.base, args.refiner)
     else:
@@ -238,10 +255,17 @@ def _check_output(path: Path) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    from .arguments import GenerationArguments
+    from .package import read_manifest
     from .pipeline import Pipeline
 
     _check_output(args.output)
     guidance = args.guidance[0] if args.guidance and len(args.guidance) == 1 else args.guidance
+    manifest = read_manifest(args.model, verify_hashes=False)  # every argument checked before any engine loads
+    GenerationArguments.check(
+        manifest, args.prompt, args.negative_prompt, args.steps, guidance, args.switch, args.sampler, args.seed,
+        args.height, args.width, args.num_images,
+    ).check_memory(manifest)
     with Pipeline.load(args.model, backend=args.backend, threads=args.threads,
                        verify_hashes=not args.no_verify) as pipe:
         result = pipe.generate(
@@ -374,10 +398,26 @@ def _configure_logging(quiet: bool) -> None:
     log.propagate = False
 
 
+def _check_common(args: argparse.Namespace) -> None:
+    """Checks shared by every command that has the option."""
+    from artrt.engines.ort import max_threads
+
+    from .arguments import check_int
+
+    if getattr(args, "threads", None) is not None:
+        check_int("--threads", args.threads, 1, max_threads())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     _configure_logging(args.quiet)
     try:
+        _check_common(args)
         COMMANDS[args.command](args)
     except ArtrtError as exc:
         print(f"artrt: error: {exc}", file=sys.stderr)
@@ -385,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("artrt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. 'artrt info PKG | head': the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
+        return 0
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,15 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
+def package_root(path: str | Path) -> Path:
+    """A package directory from ``path``: the directory itself, or the one holding ``path`` when it
+    names the ``artrt.json`` file."""
+    if not isinstance(path, (str, Path)):
+        raise PackageError(f"a package path must be a string or Path, got {type(path).__name__}")
+    path = Path(path)
+    return path.parent if path.name == MANIFEST_NAME and path.is_file() else path
+
+
 def read_manifest(root: str | Path, verify_hashes: bool = True, check_engines: bool = True) -> Manifest:
     """Read and validate a package directory's manifest.
 
@@ -156,7 +165,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = True, check_engines: b
     reference between sections resolves. ``check_engines=False`` skips the files of
     built engines (``artrt build`` replaces broken ones instead of refusing the package).
     """
-    root = Path(root)
+    root = package_root(root)
     path = root / MANIFEST_NAME
     if not root.is_dir():
         raise PackageError(f"package directory not found: {root}")
@@ -168,7 +177,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = True, check_engines: b
         raise PackageError(f"{path}: not valid JSON ({exc})") from None
     try:
         manifest = _parse(data)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PackageError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
     _check_references(manifest, path, check_engines)
     _check_files(root, manifest, verify_hashes, check_engines)
@@ -196,7 +205,9 @@ def resolve(root: Path, relative: str) -> Path:
     return target
 
 
-def _parse(data: dict[str, Any]) -> Manifest:
+def _parse(data: Any) -> Manifest:
+    if not isinstance(data, dict):
+        raise ValueError(f"the manifest is a JSON {type(data).__name__}, not an object")
     if data.get("format") != FORMAT_NAME:
         raise ValueError(f"'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}")
     if data.get("format_version") != FORMAT_VERSION:
@@ -215,9 +226,9 @@ def _parse(data: dict[str, Any]) -> Manifest:
             for e in data["experts"]
         ),
         defaults=Defaults(**data["defaults"]),
-        latent_channels=int(data["latent_channels"]),
-        latent_scale=int(data["latent_scale"]),
-        size_multiple=int(data["size_multiple"]),
+        latent_channels=_positive(data, "latent_channels"),
+        latent_scale=_positive(data, "latent_scale"),
+        size_multiple=_positive(data, "size_multiple"),
         decoder=data["decoder"],
         files=tuple(FileRecord(**f) for f in data["files"]),
         engines=tuple(data.get("engines", ())),
@@ -245,7 +256,17 @@ def _component(c: dict[str, Any]) -> Component:
     )
 
 
+def _positive(data: dict[str, Any], key: str) -> int:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key!r} must be a whole number >= 1, got {value!r}")
+    return value
+
+
 def _conditioning(c: dict[str, Any]) -> Conditioning:
+    unknown = sorted(set(c) - {f.name for f in fields(Conditioning)})
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))} in an expert's 'conditioning'")
     return Conditioning(**{**c, "text_encoders": tuple(c["text_encoders"])})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,18 +13,20 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-import artrt
 from artrt.engines import Engine
+from artrt.engines.ort import max_threads
 
+from .arguments import GenerationArguments, check_int
 from .conditioning import EncodedText, build_conditioning
 from .denoise import LoopBuffers, denoise
 from .errors import EngineError, InputError
 from .experts import history_resets, plan_experts
 from .images import save_png, to_pil
+from .engine_records import find_record
 from .loading import OpenEngines, choose_backend, open_engines
-from .package import Manifest, read_manifest, resolve
+from .package import Manifest, package_root, read_manifest, resolve
 from .samplers import plan_steps
-from .schedules import Sampler, ScheduleConfig
+from .schedules import ScheduleConfig
 from .text import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -48,12 +51,19 @@ class GenerationResult:
 
 
 class Pipeline:
-    """A loaded package: tokenizers, engines for every component, reusable loop buffers."""
+    """A loaded package: tokenizers, engines for every component, reusable loop buffers.
 
-    def __init__(self, root: Path, manifest: Manifest, opened: OpenEngines) -> None:
+    Thread safety: one ``Pipeline`` may be shared by threads. Tokenization and argument checks
+    run concurrently; the engines, the loop buffers and captured graphs are shared state, so
+    the encode-denoise-decode part of each call holds the pipeline's lock and calls run it one
+    after another (each gets exactly the images it would get alone).
+    """
+
+    def __init__(self, root: Path, manifest: Manifest, opened: OpenEngines, cuda_graphs: bool = True) -> None:
         self.root = root
         self.manifest = manifest
         self.backend = opened.backend
+        self.cuda_graphs = cuda_graphs
         self.schedule = ScheduleConfig.from_diffusers(manifest.schedule)
         self.tokenizers = {
             name: PromptTokenizer(resolve(root, info.file), info) for name, info in manifest.tokenizers.items()
@@ -61,6 +71,8 @@ class Pipeline:
         self._opened = opened
         self.engines: dict[str, Engine] = opened.engines
         self._buffers: LoopBuffers | None = None
+        self._lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def load(
@@ -69,23 +81,36 @@ class Pipeline:
     ) -> Pipeline:
         """Validate the package at ``path`` and load every component on ``backend``
         (``auto``: TensorRT when the package has engines for it, else ONNX Runtime CUDA, else CPU).
+        ``threads``: CPU threads per engine (default one per core).
         ``cuda_graphs=False`` runs GPU steps without graph capture (for comparison)."""
-        root = Path(path)
+        if threads is not None:
+            threads = check_int("threads", threads, 1, max_threads())
+        if not isinstance(cuda_graphs, bool):
+            raise InputError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        root = package_root(path)
         manifest = read_manifest(root, verify_hashes=verify_hashes)
         backend = choose_backend(backend, manifest)
         log.info("loading %s (%s) on %s", root, manifest.family, backend)
         opened = open_engines(root, manifest, backend, threads, cuda_graphs)
         try:
-            return cls(root, manifest, opened)
+            return cls(root, manifest, opened, cuda_graphs)
         except BaseException:
             opened.close()
             raise
 
+    @property
+    def device(self) -> str:
+        """``cpu``, or ``cuda`` when the engines run on a GPU."""
+        return self._opened.device
+
     def close(self) -> None:
-        if self._buffers is not None:
-            self._buffers.release()
-            self._buffers = None
-        self._opened.close()
+        """Release the engines and buffers (waits for a running call); later calls raise InputError."""
+        with self._lock:
+            self._closed = True
+            if self._buffers is not None:
+                self._buffers.release()
+                self._buffers = None
+            self._opened.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -96,12 +121,12 @@ class Pipeline:
     def generate(
         self,
         prompt: str,
-        negative_prompt: str = "",
+        negative_prompt: str | None = None,
         steps: int | None = None,
         guidance: float | Sequence[float] | None = None,
         switch: float | None = None,
         sampler: str | None = None,
-        seed: int = 0,
+        seed: int | None = 0,
         height: int | None = None,
         width: int | None = None,
         num_images: int = 1,
@@ -109,48 +134,54 @@ class Pipeline:
     ) -> GenerationResult:
         """Generate ``num_images`` images for ``prompt``; unset arguments take the package defaults.
 
-        ``guidance`` is one value or one per expert. ``latents`` is unit-variance
-        noise of shape ``[num_images, C, height/s, width/s]`` (as diffusers' ``latents=``);
-        otherwise it is drawn from ``numpy.random.default_rng(seed)``.
+        ``guidance`` is one value or one per expert. ``seed=None`` draws a fresh seed (recorded in
+        the parameters). ``latents`` is unit-variance noise of shape ``[num_images, C, height/s,
+        width/s]`` (as diffusers' ``latents=``); otherwise it is drawn from
+        ``numpy.random.default_rng(seed)``. Bad arguments and requests that would not fit in memory
+        raise :class:`InputError` before any work.
         """
         started = time.perf_counter()
-        d = self.manifest.defaults
-        args = _Arguments.check(
-            self.manifest, prompt, _default(steps, d.steps), _default(guidance, d.guidance),
-            _default(switch, d.switch), _default(sampler, d.sampler), seed,
-            _default(height, d.height), _default(width, d.width), num_images,
+        args = GenerationArguments.check(
+            self.manifest, prompt, negative_prompt, steps, guidance, switch, sampler, seed, height, width,
+            num_images,
         )
+        args.check_memory(self.manifest)
+        shape = args.latent_shape(self.manifest)
+        rng = np.random.default_rng(args.seed)  # initial noise, then (ancestral samplers) step noise
+        initial = _initial_latents(latents, shape, rng)
         timings: dict[str, float] = {}
-        encoded = self._encode([negative_prompt, prompt], timings)
+        tick = time.perf_counter()
+        ids = {name: tok([args.negative_prompt, args.prompt]) for name, tok in self.tokenizers.items()}
+        timings["tokenize"] = time.perf_counter() - tick
+        with self._lock:
+            if self._closed:
+                raise InputError("this Pipeline is closed; load the package again")
+            final = self._denoise(args, ids, initial, rng, timings)
+            images = self._decode(final, timings)
+        timings["total"] = time.perf_counter() - started
+        return GenerationResult(images, timings, args.record(self.manifest))
+
+    def _denoise(self, args: GenerationArguments, ids: dict[str, np.ndarray], initial: np.ndarray,
+                 rng: np.random.Generator, timings: dict[str, float]) -> np.ndarray:
+        encoded = self._encode(ids, timings)
         plan = plan_steps(self.schedule, args.sampler, args.steps)
         segments = plan_experts(plan.timesteps, args.switch, self.schedule.num_train_timesteps, args.guidance)
         if len(segments) > 1:
             plan = plan_steps(self.schedule, args.sampler, args.steps, history_resets(segments))
-        shape = (num_images, self.manifest.latent_channels, args.height // self.manifest.latent_scale,
-                 args.width // self.manifest.latent_scale)
-        rng = np.random.default_rng(seed)
-        initial = _initial_latents(latents, shape, rng) * np.float32(plan.init_noise_sigma)
-        buffers = self._loop_buffers(shape)
+        buffers = self._loop_buffers(initial.shape)
         experts = self.manifest.experts
         engines = [self.engines[e.component] for e in experts]
         for expert, engine in zip(experts, engines):
-            feeds = build_conditioning(
-                expert.conditioning, encoded, not negative_prompt, num_images, args.height, args.width
-            )
+            feeds = build_conditioning(expert.conditioning, encoded, not args.negative_prompt, args.num_images,
+                                       args.height, args.width)
             buffers.set_conditioning(expert.name, engine, feeds)
-        capture = self.backend == "trt"  # ORT captures its own graphs; the CPU has none
-        final = denoise(engines, [e.name for e in experts], buffers, initial, plan.scalars, segments, rng,
-                        timings, capture=capture)
-        check_finite(final, "the final latents")
-        images = self._decode(final, timings)
-        timings["total"] = time.perf_counter() - started
-        parameters = args.record(prompt, negative_prompt, self.manifest)
-        return GenerationResult(images, timings, parameters)
+        capture = self.cuda_graphs and self.backend == "trt"  # ORT captures its own graphs; the CPU has none
+        final = denoise(engines, [e.name for e in experts], buffers, initial * np.float32(plan.init_noise_sigma),
+                        plan.scalars, segments, rng, timings, capture=capture)
+        self._check_finite(final, "the final latents", [e.component for e in experts])
+        return final
 
-    def _encode(self, prompts: list[str], timings: dict[str, float]) -> dict[str, EncodedText]:
-        started = time.perf_counter()
-        ids = {name: tok(prompts) for name, tok in self.tokenizers.items()}
-        timings["tokenize"] = time.perf_counter() - started
+    def _encode(self, ids: dict[str, np.ndarray], timings: dict[str, float]) -> dict[str, EncodedText]:
         encoded = {}
         for name, comp in self.manifest.components.items():
             if comp.kind != "text_encoder":
@@ -167,17 +198,30 @@ class Pipeline:
             images = to_pil(latents, pixel_space=True)
         else:
             pixels = self.engines[self.manifest.decoder].run({"latents": latents})["image"]
-            check_finite(pixels, "the decoded image")
+            self._check_finite(pixels, "the decoded image", [self.manifest.decoder])
             images = to_pil(pixels)
         timings["decode"] = time.perf_counter() - started
         return images
 
-    def _loop_buffers(self, shape: tuple[int, int, int, int]) -> LoopBuffers:
+    def _check_finite(self, array: np.ndarray, what: str, components: list[str]) -> None:
+        """Raise when a stage produced NaN or Inf from finite inputs, naming what ran and how."""
+        if np.isfinite(array).all():
+            return
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        ran = ", ".join(f"{c} ({component_precision(self.manifest, c, self.backend)})" for c in components)
+        hint = ""
+        if "fp16" in ran:
+            hint = ("; fp16 can overflow: try an fp32 engine" if what != "the decoded image" else
+                    "; fp16 VAE decoders can overflow: export without --fp16-vae to decode in fp32")
+        raise EngineError(f"{bad} of {array.size} values are NaN/Inf in {what}, from finite inputs; "
+                          f"{ran} ran on {self.backend}{hint}")
+
+    def _loop_buffers(self, shape: tuple[int, ...]) -> LoopBuffers:
         if self._buffers is None or self._buffers.shape != shape:
             if self._buffers is not None:
                 self._buffers.release()
             memory = None
-            if self._opened.device == "cuda":
+            if self.device == "cuda":
                 from .device_memory import DeviceMemory
 
                 memory = DeviceMemory(self._opened.stream)
@@ -185,65 +229,25 @@ class Pipeline:
         return self._buffers
 
 
-def check_finite(array: np.ndarray, what: str) -> None:
-    """Raise when a stage produced NaN or Inf (e.g. an fp16 overflow), instead of saving a black image."""
-    if not np.isfinite(array).all():
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        raise EngineError(f"{bad} NaN/Inf values in {what}; if this is an fp16 engine, use an fp32 or fp16-safe VAE")
-
-
-def _default(value: Any, default: Any) -> Any:
-    return default if value is None else value
+def component_precision(manifest: Manifest, component: str, backend: str) -> str:
+    """``fp32`` or ``fp16``: the precision ``component`` runs in on ``backend``."""
+    if backend == "ort-cpu":
+        return "fp32"
+    record = find_record(manifest, component, backend)
+    if record is not None:
+        return str(record.precision)
+    return "fp16" if manifest.components[component].onnx_fp16 else "fp32"
 
 
 def _initial_latents(latents: np.ndarray | None, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     if latents is None:
         return rng.standard_normal(shape, dtype=np.float32)
-    latents = np.asarray(latents, dtype=np.float32)
+    try:
+        latents = np.asarray(latents, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"latents must be an array of numbers: {exc}") from None
     if latents.shape != shape:
         raise InputError(f"latents have shape {latents.shape}; this size and num_images need {shape}")
+    if not np.isfinite(latents).all():
+        raise InputError("latents contain NaN or Inf values")
     return latents
-
-
-@dataclass(frozen=True)
-class _Arguments:
-    """Validated generation arguments."""
-
-    steps: int
-    guidance: tuple[float, ...]
-    switch: float
-    sampler: Sampler
-    seed: int
-    height: int
-    width: int
-    num_images: int
-
-    @classmethod
-    def check(cls, m: Manifest, prompt: str, steps: int, guidance: float | Sequence[float], switch: float,
-              sampler: str, seed: int, height: int, width: int, num_images: int) -> _Arguments:
-        if not isinstance(prompt, str):
-            raise InputError("prompt must be a string")
-        if int(steps) != steps or steps < 1:
-            raise InputError(f"steps must be a whole number >= 1, got {steps}")
-        if not 0.0 <= switch <= 1.0:
-            raise InputError(f"switch must be in [0, 1], got {switch}")
-        for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % m.size_multiple:
-                raise InputError(f"{name} {value} must be a positive multiple of {m.size_multiple} for this model")
-        if num_images < 1:
-            raise InputError(f"num_images must be >= 1, got {num_images}")
-        values = (guidance,) if isinstance(guidance, (int, float)) else tuple(guidance)
-        if len(values) == 1:
-            values = values * len(m.experts)
-        if len(values) != len(m.experts):
-            raise InputError(f"guidance takes 1 or {len(m.experts)} values (one per expert), got {len(values)}")
-        return cls(int(steps), tuple(float(g) for g in values), float(switch), Sampler.parse(sampler),
-                   int(seed), int(height), int(width), int(num_images))
-
-    def record(self, prompt: str, negative_prompt: str, m: Manifest) -> dict[str, Any]:
-        return {
-            "prompt": prompt, "negative_prompt": negative_prompt, "steps": self.steps,
-            "guidance": list(self.guidance), "switch": self.switch, "sampler": self.sampler.value,
-            "seed": self.seed, "height": self.height, "width": self.width, "num_images": self.num_images,
-            "family": m.family, "artrt_version": artrt.__version__,
-        }

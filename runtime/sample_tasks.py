@@ -23,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from .arguments import GenerationArguments, check_int
+from .budget import check_fits, request_cost
 from .errors import ArtrtError, InputError
 from .images import encode_png
 from .package import Manifest
-from .pipeline import Pipeline, _Arguments, _default
+from .pipeline import Pipeline
 from .prompt_files import BadLine, PromptItem
 from .schedules import Sampler
 
@@ -34,8 +36,8 @@ from .schedules import Sampler
 # with other values is not the image the current command asks for.
 GENERATION_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "switch", "sampler", "seed",
                      "height", "width", "num_images", "index")
+MAX_ITEM_IMAGES = 10_000  # images one prompt-file item may ask for
 _BATCH_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "switch", "sampler", "height", "width")
-_NOISY_SAMPLERS = (Sampler.EULER_A,)
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class ImageResult:
 
 
 def plan_tasks(
-    items: Sequence[PromptItem], options: SampleOptions, manifest: Manifest, file: str
+    items: Sequence[PromptItem], options: SampleOptions, manifest: Manifest, file: str, batch: int = 1
 ) -> tuple[list[ImageTask], list[BadLine]]:
     """Resolve every item against the options and package defaults; invalid ones become bad lines."""
     tasks: list[ImageTask] = []
@@ -93,7 +95,7 @@ def plan_tasks(
     used: dict[str, int] = {}
     for item in items:
         try:
-            new = _item_tasks(item, options, manifest)
+            new = _item_tasks(item, options, manifest, batch)
             for task in new:
                 if task.id in used:
                     raise InputError(f"image id {task.id} is already used on line {used[task.id]}")
@@ -105,19 +107,21 @@ def plan_tasks(
     return tasks, bad
 
 
-def _item_tasks(item: PromptItem, options: SampleOptions, manifest: Manifest) -> list[ImageTask]:
-    v, d = item.values, manifest.defaults
-    seed = v.get("seed", options.seed + item.index)
-    if seed < 0:
-        raise InputError(f"seed must be >= 0, got {seed}")
-    args = _Arguments.check(
-        manifest, item.prompt, v.get("steps", _default(options.steps, d.steps)),
-        v.get("guidance", _default(options.guidance, d.guidance)), v.get("switch", _default(options.switch, d.switch)),
-        v.get("sampler", _default(options.sampler, d.sampler)), seed,
-        v.get("height", _default(options.height, d.height)), v.get("width", _default(options.width, d.width)),
-        v.get("n", options.n),
+def _item_tasks(item: PromptItem, options: SampleOptions, manifest: Manifest, batch: int) -> list[ImageTask]:
+    v = item.values
+    args = GenerationArguments.check(
+        manifest, item.prompt, v.get("negative_prompt", options.negative_prompt), v.get("steps", options.steps),
+        v.get("guidance", options.guidance), v.get("switch", options.switch), v.get("sampler", options.sampler),
+        v.get("seed", options.seed + item.index), v.get("height", options.height), v.get("width", options.width),
+        check_int("n", v.get("n", options.n), 1, MAX_ITEM_IMAGES),
     )
-    parameters = args.record(item.prompt, v.get("negative_prompt", options.negative_prompt), manifest)
+    # What one engine call of this item costs: ancestral items run whole, others in --batch images at most.
+    images = args.num_images if args.sampler.draws_noise else min(args.num_images, batch)
+    shape = (images, *args.latent_shape(manifest)[1:])
+    cost = request_cost(shape, args.height, args.width, args.steps, args.sampler.draws_noise,
+                        noise_images=args.num_images)
+    check_fits(cost, f"{images} image(s) of {args.width}x{args.height} at once")
+    parameters = args.record(manifest)
     item_id = v.get("id", f"{item.index:06d}")
     ids = [item_id] if args.num_images == 1 else [f"{item_id}-{k}" for k in range(args.num_images)]
     return [ImageTask(image_id, item_id, item.line, {**parameters, "index": k, "id": image_id})
@@ -132,7 +136,7 @@ def plan_batches(tasks: Sequence[ImageTask], batch_size: int) -> list[list[Image
     groups: dict[tuple, list[ImageTask]] = {}
     for task in tasks:
         p = task.parameters
-        own_item = task.item if Sampler.parse(p["sampler"]) in _NOISY_SAMPLERS else None
+        own_item = task.item if Sampler.parse(p["sampler"]).draws_noise else None
         groups.setdefault((own_item, *(str(p[f]) for f in _BATCH_FIELDS)), []).append(task)
     batches = []
     for (own_item, *_), group in groups.items():
@@ -153,12 +157,12 @@ def make_batch(pipe: Pipeline, batch: Sequence[ImageTask], device: str) -> list[
     p = batch[0].parameters
     kwargs = {f: p[f] for f in _BATCH_FIELDS}
     try:
-        if Sampler.parse(p["sampler"]) in _NOISY_SAMPLERS:
+        if Sampler.parse(p["sampler"]).draws_noise:
             assert [t.parameters["index"] for t in batch] == list(range(p["num_images"])), "a noisy batch is one item"
             out = pipe.generate(**kwargs, seed=p["seed"], num_images=p["num_images"])
         else:
             out = pipe.generate(**kwargs, seed=p["seed"], num_images=len(batch), latents=_stacked_noise(pipe, batch))
-    except ArtrtError as exc:
+    except (ArtrtError, MemoryError) as exc:  # the batch fails, the job goes on
         error = f"{type(exc).__name__}: {exc}"
         return [ImageResult(t, None, None, {}, len(batch), pipe.backend, device, error) for t in batch]
     started = time.perf_counter()
@@ -170,7 +174,7 @@ def make_batch(pipe: Pipeline, batch: Sequence[ImageTask], device: str) -> list[
 
 def describe_device(pipe: Pipeline) -> str:
     """``cpu``, or ``cuda`` with the GPU's name."""
-    if pipe._opened.device != "cuda":
+    if pipe.device != "cuda":
         return "cpu"
     try:
         from artrt.engines.cuda import device_info

@@ -104,7 +104,7 @@ def _run(cfg: SampleConfig, out: OutputDir, manifest: Manifest, tasks: list[Imag
 
 def _plan(cfg: SampleConfig, manifest: Manifest) -> tuple[list[ImageTask], list[BadLine], int]:
     items, bad = read_prompt_file(cfg.prompts)
-    tasks, unusable = plan_tasks(items, cfg.options, manifest, str(cfg.prompts))
+    tasks, unusable = plan_tasks(items, cfg.options, manifest, str(cfg.prompts), cfg.batch)
     bad = sorted(bad + unusable, key=lambda b: b.line)
     for line in bad:
         log.warning("%s%s", line, "" if cfg.strict else " (skipped)")

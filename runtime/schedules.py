@@ -38,6 +38,11 @@ class Sampler(str, enum.Enum):
             choices = ", ".join(s.value for s in cls)
             raise InputError(f"unknown sampler {name!r}; choose from {choices}") from None
 
+    @property
+    def draws_noise(self) -> bool:
+        """Ancestral samplers add fresh noise at every step."""
+        return self is Sampler.EULER_A
+
 
 class PredictionType(str, enum.Enum):
     """What the network predicts: the noise ε, or v = α·ε − σ·x₀ (Salimans & Ho 2022)."""

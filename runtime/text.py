@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from .errors import PackageError
 from .package import TokenizerInfo
+
+log = logging.getLogger(__name__)
 
 
 class PromptTokenizer:
@@ -31,4 +34,10 @@ class PromptTokenizer:
         the tokenizers thread pool, which then competes with ONNX Runtime's spinning
         threads for the cores (6-14 ms instead of 0.1 ms on a 2-core machine).
         """
-        return np.array([self._tokenizer.encode(p).ids for p in prompts], dtype=np.int64)
+        encodings = [self._tokenizer.encode(p) for p in prompts]
+        for prompt, encoding in zip(prompts, encodings):
+            if encoding.overflowing:
+                cut = self._tokenizer.decode(encoding.overflowing[0].ids)
+                log.warning("warning: the prompt is longer than the %d tokens the text encoder takes; this part was "
+                            "cut off: %r", self.max_length, cut)
+        return np.array([e.ids for e in encodings], dtype=np.int64)

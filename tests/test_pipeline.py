@@ -42,10 +42,20 @@ def test_batch_images_equal_single_images_with_same_latents(sdxl_pipe):
     assert np.abs(both[1].astype(int) - second[0].astype(int)).max() <= 1
 
 
-def test_nan_latents_are_reported_not_saved(sdxl_pipe):
+def test_nan_latents_are_refused_before_any_work(sdxl_pipe):
     latents = np.full((1, 4, 16, 16), np.nan, np.float32)
-    with pytest.raises(EngineError, match="NaN/Inf values in the final latents"):
+    with pytest.raises(InputError, match="latents contain NaN"):
         sdxl_pipe.generate("p", steps=2, latents=latents)
+
+
+def test_overflow_in_the_loop_is_reported_with_what_ran(sdxl_pipe):
+    """Finite but huge guidance overflows fp32 inside the graph: the error names the stage, the
+    components, their precision and backend, and does not blame an fp16 VAE on an fp32 run."""
+    with pytest.raises(EngineError) as caught:
+        sdxl_pipe.generate("p", steps=2, guidance=3e38)
+    message = str(caught.value)
+    assert "NaN/Inf in the final latents" in message and "ran on ort-cpu" in message
+    assert "expert_composition (fp32)" in message and "fp16" not in message
 
 
 def test_wrong_latent_shape(sdxl_pipe):

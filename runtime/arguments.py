@@ -1,0 +1,145 @@
+"""Validation of generation arguments: the one place that checks steps, guidance, switch, seed,
+sizes, sampler and batch size, for the Python API, the CLI and offline sampling alike.
+
+Accepted: Python and numpy numbers (not ``bool``, not strings), ``None`` for "the package
+default" (``seed=None``: a fresh random seed, recorded in the parameters; ``negative_prompt=None``:
+no negative prompt, as in diffusers). Everything else raises :class:`InputError` with one line.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+
+import artrt
+
+from .budget import check_fits, request_cost
+from .errors import InputError
+from .package import Manifest
+from .schedules import Sampler
+
+MAX_STEPS = 1000  # one step per training timestep at most
+MAX_SEED = 2**63 - 1
+MAX_SIDE = 16384  # pixels; the memory estimate refuses most sizes far below this
+
+
+def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int in ``[minimum, maximum]``; bools, floats and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise InputError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < minimum:
+        raise InputError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InputError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_float(name: str, value: Any, minimum: float | None = None, maximum: float | None = None) -> float:
+    """``value`` as a finite float in ``[minimum, maximum]``; bools and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InputError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be finite, got {value}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise InputError(f"{name} must be in [{minimum:g}, {maximum:g}], got {value:g}")
+    return value
+
+
+def check_guidance(value: Any, experts: int) -> tuple[float, ...]:
+    """One guidance value, or one per expert, as a tuple of one value per expert."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Real, Sequence, np.ndarray)):
+        raise InputError(f"guidance must be a number or a list of numbers, got {value!r}")
+    values = [value] if isinstance(value, Real) else list(np.asarray(value, dtype=object).ravel())
+    checked = tuple(check_float("guidance", v) for v in values)
+    if len(checked) == 1:
+        checked *= experts
+    if len(checked) != experts:
+        raise InputError(f"guidance takes 1 or {experts} values (one per expert), got {len(checked)}")
+    return checked
+
+
+def check_seed(value: Any) -> int:
+    """A seed for ``numpy.random.default_rng``; None draws a fresh one."""
+    return secrets.randbelow(2**32) if value is None else check_int("seed", value, 0, MAX_SEED)
+
+
+def check_side(name: str, value: Any, multiple: int) -> int:
+    value = check_int(name, value, 1, MAX_SIDE)
+    if value % multiple:
+        raise InputError(f"{name} {value} must be a positive multiple of {multiple} for this model")
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationArguments:
+    """Validated generation arguments, package defaults filled in."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: tuple[float, ...]
+    switch: float
+    sampler: Sampler
+    seed: int
+    height: int
+    width: int
+    num_images: int
+
+    @classmethod
+    def check(
+        cls, m: Manifest, prompt: Any, negative_prompt: Any = None, steps: Any = None, guidance: Any = None,
+        switch: Any = None, sampler: Any = None, seed: Any = None, height: Any = None, width: Any = None,
+        num_images: Any = 1,
+    ) -> GenerationArguments:
+        """Check every argument (None: the package default) and return them validated."""
+        d = m.defaults
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        negative_prompt = "" if negative_prompt is None else negative_prompt
+        if not isinstance(negative_prompt, str):
+            raise InputError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
+        if sampler is not None and not isinstance(sampler, str):
+            raise InputError(f"sampler must be a string, got {type(sampler).__name__}")
+        return cls(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=check_int("steps", _or(steps, d.steps), 1, MAX_STEPS),
+            guidance=check_guidance(_or(guidance, d.guidance), len(m.experts)),
+            switch=check_float("switch", _or(switch, d.switch), 0.0, 1.0),
+            sampler=Sampler.parse(_or(sampler, d.sampler)),
+            seed=check_seed(seed),
+            height=check_side("height", _or(height, d.height), m.size_multiple),
+            width=check_side("width", _or(width, d.width), m.size_multiple),
+            num_images=check_int("num_images", num_images, 1),
+        )
+
+    def check_memory(self, m: Manifest) -> None:
+        """Refuse (:class:`InputError`) a request whose estimated memory this machine does not have."""
+        cost = request_cost(self.latent_shape(m), self.height, self.width, self.steps, self.sampler.draws_noise)
+        check_fits(cost, f"{self.num_images} image(s) of {self.width}x{self.height}")
+
+    def latent_shape(self, m: Manifest) -> tuple[int, int, int, int]:
+        """``[num_images, C, height/s, width/s]`` for this package."""
+        s = m.latent_scale
+        return (self.num_images, m.latent_channels, self.height // s, self.width // s)
+
+    def record(self, m: Manifest) -> dict[str, Any]:
+        """The parameters that reproduce the images (stored in PNGs and sample metadata)."""
+        return {
+            "prompt": self.prompt, "negative_prompt": self.negative_prompt, "steps": self.steps,
+            "guidance": list(self.guidance), "switch": self.switch, "sampler": self.sampler.value,
+            "seed": self.seed, "height": self.height, "width": self.width, "num_images": self.num_images,
+            "family": m.family, "artrt_version": artrt.__version__,
+        }
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value

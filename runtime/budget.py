@@ -1,0 +1,84 @@
+"""What a generation request costs in memory, estimated before any work, and the check that
+refuses what cannot fit with one line.
+
+The estimate adds up the host arrays the runtime allocates itself (exact: initial noise, the
+loop's ping-pong buffers, the per-step noise table of ancestral samplers, decoded pixels and
+8-bit images) and the engines' working memory, which grows with the pixels of a batch. The
+latter is an upper-bound model, ``ACTIVATION_BYTES_PER_PIXEL`` bytes per output pixel, taken
+from SDXL's VAE decoder at full resolution (128-channel fp32 feature maps, a few alive at once),
+the largest per-pixel consumer among the components artrt runs; smaller models use less.
+Measured calibration: ``docs/memory.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import InputError
+
+ACTIVATION_BYTES_PER_PIXEL = 4096
+HEADROOM = 0.9  # of the available memory a request may plan to use
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class RequestCost:
+    """Estimated peak bytes of one request, by part."""
+
+    buffers: int  # noise, loop buffers, step-noise table
+    pixels: int  # decoded float pixels and 8-bit images
+    activations: int  # engines' working memory (upper-bound model)
+
+    @property
+    def total(self) -> int:
+        return self.buffers + self.pixels + self.activations
+
+
+def request_cost(
+    latent_shape: tuple[int, ...], height: int, width: int, steps: int, noisy: bool, noise_images: int | None = None
+) -> RequestCost:
+    """The cost of one engine batch of ``latent_shape[0]`` images of ``height`` x ``width``.
+
+    ``noisy``: the sampler draws fresh noise every step (a ``[steps, *latent_shape]`` table).
+    ``noise_images``: rows of initial noise drawn for the request when more than the batch
+    (offline sampling draws an item's whole noise at once).
+    """
+    batch = int(latent_shape[0])
+    per_image = 4
+    for d in latent_shape[1:]:
+        per_image *= int(d)
+    latents = per_image * batch
+    buffers = latents * 8 + per_image * max(noise_images or 0, batch)  # 2 samples, 2 denoised, noise, step, read
+    if noisy:
+        buffers += latents * steps
+    pixels = batch * height * width * 3 * (4 + 2)  # float32 decoder output, uint8 array and PIL image
+    activations = batch * height * width * ACTIVATION_BYTES_PER_PIXEL
+    return RequestCost(buffers, pixels, activations)
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give this process (Linux ``MemAvailable``), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(cost: RequestCost, what: str, available: int | None = None) -> None:
+    """Raise :class:`InputError` when ``cost`` exceeds the memory this machine has left."""
+    available = available_memory() if available is None else available
+    if available is None or cost.total <= HEADROOM * available:
+        return
+    raise InputError(
+        f"{what} needs about {cost.total / GIB:.1f} GiB of memory (engines {cost.activations / GIB:.1f}, "
+        f"buffers {(cost.buffers + cost.pixels) / GIB:.1f}); {available / GIB:.1f} GiB is available: "
+        "ask for fewer images or a smaller size"
+    )
