@@ -34,6 +34,11 @@ class Engine(ABC):
 
     backend: str = ""
     device: str = "cpu"  # "cuda" engines bind DeviceArrays and enqueue asynchronously
+    captures_loop: bool = False
+    """The engine's bound runs may be recorded into a caller's CUDA graph: ``run_bound``
+    only enqueues on the caller's stream and captures nothing itself, so the whole
+    denoising loop can become one graph (TensorRT). False for ONNX Runtime CUDA, which
+    captures its own graphs, and for CPU engines."""
 
     def __init__(self, path: str | Path, name: str | None = None) -> None:
         self.path = Path(path)

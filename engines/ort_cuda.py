@@ -97,6 +97,7 @@ class OrtCudaEngine(OrtSessionEngine):
 
     backend = "ort-cuda"
     device = "cuda"
+    captures_loop = False  # ONNX Runtime owns capture (one graph per gpu_graph_id), never a caller's
 
     def __init__(
         self, path: str | Path, name: str | None = None, stream: Any = None,

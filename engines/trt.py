@@ -2,8 +2,9 @@
 
 The execution context is created with user-managed activation memory: the pipeline
 gives every engine the same scratch block (:meth:`TrtEngine.set_scratch`), since the
-components run one after another. Bound runs only enqueue work; the whole denoising
-loop can then be captured into one CUDA graph (see :func:`capture_loop`).
+components run one after another. Bound runs only enqueue work and the engine never
+captures a graph itself (``captures_loop``): ``runtime.denoise`` captures the whole
+denoising loop into one CUDA graph, after running it once eagerly.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 from artrt.runtime.errors import EngineError
 
 from .base import Engine, TensorSpec
-from .cuda import CudaGraph, DeviceArray, Stream
+from .cuda import DeviceArray, Stream
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class TrtEngine(Engine):
 
     backend = "trt"
     device = "cuda"
+    captures_loop = True  # bound runs are plain enqueues: the caller may record them into its graph
 
     def __init__(self, path: str | Path, name: str | None = None, stream: Stream | None = None) -> None:
         super().__init__(path, name)
@@ -252,7 +254,7 @@ class TrtEngine(Engine):
         if capturing and not (self._warm and binding.shapes == self._shapes):
             raise EngineError(
                 f"{self.name}: TensorRT must run once with these input shapes, outside capture, before a "
-                "CUDA graph captures it (run the steps eagerly and synchronise first; see capture_loop)"
+                "CUDA graph captures it (run the steps eagerly and synchronise first, as runtime.denoise does)"
             )
         self._set_input_shapes(binding.shapes)
         if binding.addresses != self._addresses:
@@ -286,17 +288,3 @@ class TrtEngine(Engine):
                 array.free()
             self._addresses = None  # they pointed at the temporaries
 
-
-def capture_loop(stream: Stream, steps: Callable[[], None]) -> CudaGraph:
-    """Run ``steps`` (which enqueue work on ``stream``) once eagerly, synchronise, then
-    capture a second call into a graph to replay with ``graph.launch(stream)``.
-
-    TensorRT finishes setting a context up for new input shapes during its first
-    enqueue, which cannot happen inside a capture; engines refuse to be captured
-    before that run.
-    """
-    steps()
-    stream.synchronize()
-    with CudaGraph.capture(stream) as graph:
-        steps()
-    return graph

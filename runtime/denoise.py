@@ -7,23 +7,34 @@ noise are written as whole tables before the loop; a step copies its row into th
 bound ``step`` (and ``noise``) buffer and runs. Latents and denoised estimates
 ping-pong between two buffers each, so no step allocates and, on a GPU, no step
 synchronises with the host.
+
+With engines that allow it (:attr:`Engine.captures_loop`, TensorRT) and device memory,
+the whole loop is captured into one CUDA graph per expert plan and replayed as a single
+launch (:func:`can_capture`, :func:`denoise`).
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from artrt.engines import Engine
 
+from .errors import EngineError
 from .experts import Segment
 from .samplers import STEP_SCALARS
 
 _D_COLUMN = STEP_SCALARS.index("d")
 _GUIDANCE_COLUMN = STEP_SCALARS.index("guidance")
+
+MAX_CAPTURED_LOOPS = 8  # captured loops kept per LoopBuffers; the least recently used one is freed
+
+PlanKey = tuple[tuple[tuple[int, int, int], ...], bool]
 
 
 class HostMemory:
@@ -48,8 +59,21 @@ class HostMemory:
         return end - start
 
 
+@dataclass
+class CapturedLoop:
+    """A captured loop, the parity holding its result, and its timing marks (recorded by each replay)."""
+
+    graph: Any
+    parity: int
+    marks: list[tuple[str, Any, Any]]
+
+
 class LoopBuffers:
-    """Latent, noise, scalar-table and conditioning buffers for one ``(B, C, h, w)`` shape."""
+    """Latent, noise, scalar-table and conditioning buffers for one ``(B, C, h, w)`` shape.
+
+    Not thread-safe: one loop at a time writes the tables and the ping-pong buffers
+    (``Pipeline`` serialises its calls with its lock).
+    """
 
     def __init__(self, shape: tuple[int, int, int, int], memory: Any = None) -> None:
         self.shape = shape
@@ -62,25 +86,34 @@ class LoopBuffers:
         self.tables: dict[str, Any] = {}
         self.conditioning: dict[str, dict[str, Any]] = {}
         self._bindings: dict[tuple[str, int], Any] = {}
-        self.graphs: dict[Any, Any] = {}  # captured loops, valid only for these buffers
+        # Captured loops by expert plan, least recently used first. A graph replays on the
+        # addresses it captured, so every one is freed when a buffer here is reallocated.
+        self.graphs: OrderedDict[PlanKey, CapturedLoop] = OrderedDict()
 
     def release(self) -> None:
         """Free device memory and captured graphs now (host arrays are left to the GC)."""
-        for graph, _, _ in self.graphs.values():
-            graph.free()
+        self.drop_graphs()
         arrays = [*self.samples, *self.denoised, self.noise, self.step, *self.tables.values()]
         arrays += [a for feeds in self.conditioning.values() for a in feeds.values()]
         for array in arrays:
             if hasattr(array, "free"):
                 array.free()
-        self.graphs, self.tables, self.conditioning, self._bindings = {}, {}, {}, {}
+        self.tables, self.conditioning, self._bindings = {}, {}, {}
+
+    def drop_graphs(self) -> None:
+        """Free every captured loop (their buffer addresses are about to change)."""
+        while self.graphs:
+            self.graphs.popitem(last=False)[1].graph.free()
 
     def table(self, name: str, values: np.ndarray) -> Any:
         """Write ``values`` into the persistent table ``name`` (reallocated when its shape changes)."""
         current = self.tables.get(name)
         if current is None or current.shape != values.shape:
+            if current is not None:  # captured loops read the old table
+                self.drop_graphs()
+                if hasattr(current, "free"):
+                    current.free()
             current = self.tables[name] = self.memory.empty(values.shape, values.dtype)
-            self.graphs.clear()
         self.memory.write(current, values)
         return current
 
@@ -89,10 +122,14 @@ class LoopBuffers:
         dtypes = {spec.name: spec.dtype for spec in engine.inputs}
         current = self.conditioning.get(expert)
         if current is None or any(current[k].shape != v.shape for k, v in feeds.items()):
+            if current is not None:  # captured loops read the old buffers
+                self.drop_graphs()
+                for array in current.values():
+                    if hasattr(array, "free"):
+                        array.free()
             current = {k: self.memory.empty(v.shape, dtypes[k]) for k, v in feeds.items()}
             self.conditioning[expert] = current
             self._bindings = {key: b for key, b in self._bindings.items() if key[0] != expert}
-            self.graphs.clear()
         for name, value in feeds.items():
             self.memory.write(current[name], value.astype(dtypes[name], copy=False))
 
@@ -148,6 +185,20 @@ def enqueue_steps(
     return parity, marks
 
 
+def can_capture(engines: Sequence[Engine], buffers: LoopBuffers) -> bool:
+    """True when the whole loop can be recorded into one CUDA graph: every engine's bound
+    runs may be captured by the caller (:attr:`Engine.captures_loop`) and the buffers are
+    device memory on a stream that can be captured."""
+    return all(engine.captures_loop for engine in engines) and callable(getattr(buffers.memory, "capture", None))
+
+
+def plan_key(segments: Sequence[Segment], has_noise: bool) -> PlanKey:
+    """What a captured loop depends on besides its buffers: which expert runs which steps,
+    and whether a noise row is copied per step. Guidance and the other per-step scalars
+    are not part of it: the graph reads them from the scalar table, rewritten every call."""
+    return tuple((s.expert, s.start, s.stop) for s in segments), has_noise
+
+
 def denoise(
     engines: Sequence[Engine],
     names: Sequence[str],
@@ -162,9 +213,13 @@ def denoise(
     """Run every step of ``segments`` and return the final latents as a host array.
 
     Seconds spent per expert are added to ``timings`` under ``expert:<name>``. With
-    ``capture`` (device memory only), the whole loop is captured into one CUDA graph
-    the first time a step plan is seen and replayed as a single launch afterwards.
+    ``capture`` (only where :func:`can_capture`), the whole loop is captured into one CUDA
+    graph the first time an expert plan is seen and replayed as a single launch afterwards.
     """
+    if capture and not can_capture(engines, buffers):
+        kinds = ", ".join(f"{engine.name} ({engine.backend or type(engine).__name__})" for engine in engines)
+        raise EngineError(f"cannot capture the denoising loop: it needs device memory and engines that allow "
+                          f"capture by the caller; got {type(buffers.memory).__name__} and {kinds}")
     memory = buffers.memory
     table, noise = step_tables(scalars, segments, buffers.shape, rng)
     buffers.table("scalars", table)
@@ -190,17 +245,21 @@ def _replay_or_capture(
     """Launch the captured loop for this plan, or run it eagerly and capture it for next time.
 
     The graph records the buffer addresses, so it lives in ``buffers.graphs`` and is
-    dropped with them (or when a conditioning buffer is reallocated). Its timing events
-    are recorded inside the graph, so per-expert timings still come out of a replay.
+    freed with them (or when a table or conditioning buffer is reallocated); at most
+    :data:`MAX_CAPTURED_LOOPS` are kept, the least recently used freed first. Its timing
+    events are recorded inside the graph, so per-expert timings still come out of a replay.
     """
-    key = (tuple(segments), has_noise)
-    if key in buffers.graphs:
-        graph, parity, marks = buffers.graphs[key]
-        graph.launch(buffers.memory.stream)
-        return parity, marks
+    key = plan_key(segments, has_noise)
+    captured = buffers.graphs.get(key)
+    if captured is not None:
+        buffers.graphs.move_to_end(key)
+        captured.graph.launch(buffers.memory.stream)
+        return captured.parity, captured.marks
     parity, marks = enqueue_steps(engines, names, buffers, segments, has_noise)
     buffers.memory.stream.synchronize()  # engines have run once, as TensorRT requires before capture
     with buffers.memory.capture() as graph:
         _, graph_marks = enqueue_steps(engines, names, buffers, segments, has_noise)
-    buffers.graphs[key] = (graph, parity, graph_marks)
+    buffers.graphs[key] = CapturedLoop(graph, parity, graph_marks)
+    while len(buffers.graphs) > MAX_CAPTURED_LOOPS:
+        buffers.graphs.popitem(last=False)[1].graph.free()
     return parity, marks

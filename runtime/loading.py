@@ -59,17 +59,15 @@ def _record_backend(record: Any) -> str | None:
 
 
 def _system_info() -> Any:
-    import tensorrt
-
+    """The running TensorRT version and GPU compute capability, which TensorRT plans must match."""
     from artrt.engines.cuda import device_info
-    from artrt.engines.trt import tensorrt_installed
-
-    if not tensorrt_installed():
-        from .errors import EngineError
-
-        raise EngineError("TensorRT is not installed (only its type stubs are)")
+    from artrt.engines.trt import INSTALL_HINT, tensorrt_installed
 
     from .engine_records import SystemInfo
+
+    if not tensorrt_installed():  # before the import: the stubs alone leave an empty namespace package
+        raise EngineError(INSTALL_HINT)
+    import tensorrt
 
     return SystemInfo(tensorrt.__version__, device_info().compute_capability)
 

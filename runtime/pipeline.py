@@ -18,7 +18,7 @@ from artrt.engines.ort import max_threads
 
 from .arguments import GenerationArguments, check_int
 from .conditioning import EncodedText, build_conditioning
-from .denoise import LoopBuffers, denoise
+from .denoise import LoopBuffers, can_capture, denoise
 from .errors import EngineError, InputError
 from .experts import history_resets, plan_experts
 from .images import save_png, to_pil
@@ -175,7 +175,7 @@ class Pipeline:
             feeds = build_conditioning(expert.conditioning, encoded, not args.negative_prompt, args.num_images,
                                        args.height, args.width)
             buffers.set_conditioning(expert.name, engine, feeds)
-        capture = self.cuda_graphs and self.backend == "trt"  # ORT captures its own graphs; the CPU has none
+        capture = self.cuda_graphs and can_capture(engines, buffers)  # ORT captures its own graphs; CPU has none
         final = denoise(engines, [e.name for e in experts], buffers, initial * np.float32(plan.init_noise_sigma),
                         plan.scalars, segments, rng, timings, capture=capture)
         self._check_finite(final, "the final latents", [e.component for e in experts])
