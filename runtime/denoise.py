@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,9 +167,10 @@ def step_tables(
 
 def enqueue_steps(
     engines: Sequence[Engine], names: Sequence[str], buffers: LoopBuffers, segments: Sequence[Segment],
-    has_noise: bool,
+    has_noise: bool, on_step: Callable[[int], None] | None = None,
 ) -> tuple[int, list[tuple[str, Any, Any]]]:
-    """Issue every step; returns the parity holding the result and (expert, start, end) marks."""
+    """Issue every step; returns the parity holding the result and (expert, start, end) marks.
+    ``on_step(i)`` is called after step ``i`` is issued (on a GPU: enqueued, not finished)."""
     memory, parity, marks = buffers.memory, 0, []
     for segment in segments:
         engine, name = engines[segment.expert], names[segment.expert]
@@ -181,6 +182,8 @@ def enqueue_steps(
                 memory.copy_row(buffers.noise, buffers.tables["noise"], i)
             engine.run_bound(bound[parity])
             parity ^= 1
+            if on_step is not None:
+                on_step(i)
         marks.append((name, start, memory.mark()))
     return parity, marks
 
@@ -209,6 +212,7 @@ def denoise(
     rng: np.random.Generator,
     timings: dict[str, float],
     capture: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Run every step of ``segments`` and return the final latents as a host array.
 
@@ -230,7 +234,7 @@ def denoise(
     if capture:
         parity, marks = _replay_or_capture(engines, names, buffers, segments, noise is not None)
     else:
-        parity, marks = enqueue_steps(engines, names, buffers, segments, noise is not None)
+        parity, marks = enqueue_steps(engines, names, buffers, segments, noise is not None, on_step)
     final = memory.read(buffers.samples[parity])  # synchronises a device stream
     for name, start, end in marks:
         key = f"expert:{name}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,7 +177,7 @@ class Pipeline:
             buffers.set_conditioning(expert.name, engine, feeds)
         capture = self.cuda_graphs and can_capture(engines, buffers)  # ORT captures its own graphs; CPU has none
         final = denoise(engines, [e.name for e in experts], buffers, initial * np.float32(plan.init_noise_sigma),
-                        plan.scalars, segments, rng, timings, capture=capture)
+                        plan.scalars, segments, rng, timings, capture=capture, on_step=step_progress(args.steps))
         self._check_finite(final, "the final latents", [e.component for e in experts])
         return final
 
@@ -237,6 +237,20 @@ def component_precision(manifest: Manifest, component: str, backend: str) -> str
     if record is not None:
         return str(record.precision)
     return "fp16" if manifest.components[component].onnx_fp16 else "fp32"
+
+
+def step_progress(total: int, every: float = 2.0) -> Callable[[int], None]:
+    """A step callback that logs ``step i/total`` at most every ``every`` seconds, once a run is long."""
+    started = last = time.monotonic()
+
+    def on_step(i: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every or (i + 1 == total and now - started >= every):
+            last = now
+            log.info("step %d/%d, %.1f s", i + 1, total, now - started)
+
+    return on_step
 
 
 def _initial_latents(latents: np.ndarray | None, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

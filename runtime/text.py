@@ -37,7 +37,7 @@ class PromptTokenizer:
         encodings = [self._tokenizer.encode(p) for p in prompts]
         for prompt, encoding in zip(prompts, encodings):
             if encoding.overflowing:
-                cut = self._tokenizer.decode(encoding.overflowing[0].ids)
-                log.warning("warning: the prompt is longer than the %d tokens the text encoder takes; this part was "
-                            "cut off: %r", self.max_length, cut)
+                kept = max(end for _, end in encoding.offsets)  # offsets index the prompt; specials are (0, 0)
+                log.warning("warning: a prompt is longer than the %d tokens its text encoder takes; this part was "
+                            "cut off: %r", self.max_length, prompt[kept:].strip())
         return np.array([e.ids for e in encodings], dtype=np.int64)
