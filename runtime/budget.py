@@ -7,7 +7,7 @@ loop's ping-pong buffers, the per-step noise table of ancestral samplers, decode
 latter is an upper-bound model, ``ACTIVATION_BYTES_PER_PIXEL`` bytes per output pixel, taken
 from SDXL's VAE decoder at full resolution (128-channel fp32 feature maps, a few alive at once),
 the largest per-pixel consumer among the components artrt runs; smaller models use less.
-Measured calibration: ``docs/memory.md``.
+Measured calibration: ``docs/requests.md``.
 """
 
 from __future__ import annotations
