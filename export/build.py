@@ -137,7 +137,8 @@ def build_engines(package: str | Path, request: BuildRequest) -> Manifest:
     started = time.perf_counter()
     for name in manifest.components:
         profile = {}
-        if request.backend == "trt":
+        static_step = request.dynamic is None and manifest.components[name].kind == "fused_step"
+        if request.backend == "trt" or static_step:  # fused ort-cuda steps are built for one static shape
             profile = plan_profiles(manifest, name, height, width, request.batch, request.dynamic)
         reasons = build_reasons(root, manifest, name, request.backend, system, profile, request.rebuild)
         if not reasons:

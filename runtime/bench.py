@@ -281,12 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m artrt.runtime.bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    root = logging.getLogger("artrt")
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("artrt: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
+    from .cli import configure_logging
+
+    configure_logging()
     try:
         run(args)
     except ArtrtError as exc:

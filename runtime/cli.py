@@ -387,7 +387,7 @@ COMMANDS = {"export": run_export, "build": run_build, "generate": run_generate, 
             "sample": run_sample, "demo": run_demo}
 
 
-def _configure_logging(quiet: bool) -> None:
+def configure_logging(quiet: bool = False) -> None:
     """Progress to stderr as ``artrt: message`` lines (only warnings with --quiet)."""
     for handler in list(log.handlers):
         log.removeHandler(handler)
@@ -415,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     args = parser.parse_args(argv)
-    _configure_logging(args.quiet)
+    configure_logging(args.quiet)
     try:
         _check_common(args)
         COMMANDS[args.command](args)

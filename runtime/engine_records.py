@@ -2,14 +2,19 @@
 
 A TensorRT plan runs only on the TensorRT version and GPU architecture it was built
 with, only for the shapes of its optimization profile, and it stands for the ONNX file
-it was built from. :func:`staleness` lists every way a record no longer fits;
-:func:`component_file` picks the file a backend loads for a component and refuses a
-stale plan with the command that rebuilds it. Imports neither torch nor TensorRT.
+it was built from; a fused ONNX Runtime CUDA graph stands for its onnxruntime version and
+source ONNX, and (static builds of the expert steps) for one shape. :func:`staleness`
+lists every way a record no longer fits; :func:`component_file` picks the file a backend
+loads for a component and refuses a stale engine of either backend with the command that
+rebuilds it; :func:`check_profiles` refuses a request size the recorded profiles do not
+cover, before any work. A component with no record on ``ort-cuda`` is not stale but
+unbuilt: it runs the package's plain ONNX. Imports neither torch nor TensorRT.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,6 +27,9 @@ log = logging.getLogger(__name__)
 
 ENGINE_DIR = "engines"
 ENGINE_SUFFIX = {"trt": ".plan", "ort-cuda": ".cuda.onnx"}
+ENGINE_KIND = {"trt": "TensorRT engine", "ort-cuda": "fused ONNX Runtime CUDA graph"}
+LATENT_INPUTS = ("sample", "latents")  # the [B, C, h, w] input of expert steps / the decoder
+TEXT_BATCH = 2  # text encoders always run [negative, prompt] (as export.build.TEXT_BATCH)
 Shape = tuple[int, ...]
 
 
@@ -179,46 +187,140 @@ def component_file(
     shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Path:
     """The file ``backend`` loads for ``component``: the CPU graph (else fp32 ONNX) on ``ort-cpu``;
-    the fused ONNX (else fp16, else fp32 ONNX) on ``ort-cuda``; the plan on ``trt``, if not stale."""
+    the fused graph on ``ort-cuda`` (the fp16, else fp32 ONNX when none was built); the plan on
+    ``trt``. A recorded engine that is stale is refused on both GPU backends (never replaced by
+    a slower graph) with :class:`StaleEngineError` naming the file, the reasons and the command."""
     root = Path(root)
     if backend == "ort-cpu":
         comp = manifest.components[component]
         return resolve(root, comp.onnx_cpu or comp.onnx)
+    if backend not in ENGINE_SUFFIX:
+        raise ValueError(f"unknown backend {backend!r}")
     record = find_record(manifest, component, backend)
     if backend == "ort-cuda":
-        if record is not None:
-            reasons = staleness(record, manifest, system or SystemInfo(onnxruntime_version=_ort_version()))
-            if not reasons:
-                return resolve(root, record.file)
-            log.warning("%s: not using %s (%s); rebuild it: artrt build %s --backend ort-cuda --rebuild",
-                        component, record.file, "; ".join(reasons), root)
-        return resolve(root, source_onnx(manifest, component))
-    if backend != "trt":
-        raise ValueError(f"unknown backend {backend!r}")
-    if record is None:
-        raise StaleEngineError(f"no TensorRT engine built for {component}: run {build_command(root, manifest, shapes)}")
+        system = system or SystemInfo(onnxruntime_version=_ort_version())
+        if record is None:  # unbuilt, not stale: the plain graph runs (dynamic shapes, slower)
+            if any(e.get("backend") == "ort-cuda" for e in manifest.engines):
+                log.warning("%s: no fused graph built (other components have one); running %s; build it: %s",
+                            component, source_onnx(manifest, component), build_command(root, manifest, shapes,
+                                                                                       backend=backend))
+            return resolve(root, source_onnx(manifest, component))
+    elif record is None:
+        raise StaleEngineError(
+            f"no TensorRT engine built for {component}: run {build_command(root, manifest, shapes, backend=backend)}"
+        )
     reasons = staleness(record, manifest, system, shapes)
     if reasons:
         raise StaleEngineError(
-            f"TensorRT engine {record.file} is stale: {'; '.join(reasons)}; "
-            f"run: {build_command(root, manifest, shapes, rebuild=True)}"
+            f"{ENGINE_KIND[backend]} {record.file} is stale: {'; '.join(reasons)}; "
+            f"run: {build_command(root, manifest, shapes, rebuild=True, backend=backend)}"
         )
     return resolve(root, record.file)
 
 
+def request_shapes(manifest: Manifest, component: str, batch: int, height: int, width: int) -> dict[str, Shape]:
+    """The input shapes ``component`` runs with for ``batch`` images of ``height`` x ``width``
+    pixels, sized as ``artrt build`` sizes profiles (``export.build.plan_profiles``): latents
+    ``[batch, C, height/s, width/s]``; the expert's conditioning (unconditional and conditional
+    halves) ``cond_batch = 2 * batch``; text encoders always 2 prompts. Inputs with a dimension
+    artrt does not size are left out."""
+    scale = manifest.latent_scale
+    comp = manifest.components[component]
+    sizes = {
+        "height": height, "width": width, "latent_height": height // scale, "latent_width": width // scale,
+        "batch": TEXT_BATCH if comp.kind == "text_encoder" else batch, "cond_batch": 2 * batch,
+    }
+    return {
+        t.name: tuple(d if isinstance(d, int) else sizes[d] for d in t.shape)
+        for t in comp.inputs
+        if all(isinstance(d, int) or d in sizes for d in t.shape)
+    }
+
+
+def check_profiles(root: Path, manifest: Manifest, backend: str, batch: int, height: int, width: int) -> None:
+    """Refuse, before any work, a request whose shapes lie outside the recorded profile of an
+    engine ``backend`` runs: every TensorRT plan, and the static fused ONNX Runtime CUDA graphs
+    (records without a profile, i.e. dynamic fused graphs, run any size). Reads no file.
+
+    Raises :class:`StaleEngineError`: "<engine> <file> was built for HxW batch B, requested
+    HxW batch B (<tensor> outside profile ...); run: artrt build ... for the requested size"."""
+    if backend == "ort-cpu":
+        return
+    if backend not in ENGINE_SUFFIX:
+        raise ValueError(f"unknown backend {backend!r}")
+    misfits = []
+    for name in manifest.components:
+        record = find_record(manifest, name, backend)
+        if record is None or not record.profile:
+            continue
+        shapes = request_shapes(manifest, name, batch, height, width)
+        problems = [p for t, s in shapes.items() for p in _shape_problems(t, s, record.profile.get(t))]
+        if problems:
+            misfits.append((record, problems))
+    if not misfits:
+        return
+    record, problems = misfits[0]
+    scale = manifest.latent_scale
+    latent = (batch, manifest.latent_channels, height // scale, width // scale)
+    # build_reasons compares TensorRT profiles with the request, so only the misfits are rebuilt;
+    # it does not compare fused graphs' shapes, so those need --rebuild.
+    command = build_command(root, manifest, {"sample": latent}, rebuild=backend == "ort-cuda", backend=backend)
+    others = ", ".join(r.file for r, _ in misfits[1:])
+    raise StaleEngineError(
+        f"{ENGINE_KIND[backend]} {record.file} was built for {_built_for(record, scale)}, requested "
+        f"{height}x{width} batch {batch} ({problems[0]})" + (f"; nor do {others} fit" if others else "")
+        + f"; run: {command}"
+    )
+
+
+def _built_for(record: EngineRecord, scale: int) -> str:
+    """``32x32 batch 1`` (static) or ``16..48x16..48 batch 1..2`` (ranges), from the latent profile."""
+    profile = next((record.profile[n] for n in LATENT_INPUTS if n in record.profile), None)
+    if profile is None or len(profile[0]) != 4:
+        return "profile " + ", ".join(f"{n} [min {list(p[0])}, max {list(p[2])}]" for n, p in record.profile.items())
+    low, _, high = profile
+
+    def span(lo: int, hi: int) -> str:
+        return str(lo) if lo == hi else f"{lo}..{hi}"
+
+    return (f"{span(low[2] * scale, high[2] * scale)}x{span(low[3] * scale, high[3] * scale)} "
+            f"batch {span(low[0], high[0])}")
+
+
 def build_command(
-    root: Path, manifest: Manifest, shapes: Mapping[str, Sequence[int]] | None = None, rebuild: bool = False
+    root: Path, manifest: Manifest, shapes: Mapping[str, Sequence[int]] | None = None, rebuild: bool = False,
+    backend: str = "trt",
 ) -> str:
-    """``artrt build`` for the requested latent shape, else for the shape the plans were built for."""
-    latent = next((s for n, s in (shapes or {}).items() if n in ("sample", "latents")), None)
-    for data in manifest.engines if latent is None else ():
-        opt = {n: p[1] for n, p in data.get("profile", {}).items()}
-        latent = opt.get("sample") or opt.get("latents") or latent
-    words = ["artrt", "build", str(root)] + (["--rebuild"] if rebuild else [])
-    if latent is not None and len(latent) == 4:
-        scale = manifest.latent_scale
-        words += ["--height", str(latent[2] * scale), "--width", str(latent[3] * scale), "--batch", str(latent[0])]
+    """``artrt build ROOT --backend B [--rebuild]`` for the requested latent shape (``sample`` or
+    ``latents`` in ``shapes``), else as ``backend``'s engines were built: their size and batch,
+    with ``--dynamic`` and its bounds for ranges (a dynamic fused graph has no profile)."""
+    words = ["artrt", "build", shlex.quote(str(root)), "--backend", backend] + (["--rebuild"] if rebuild else [])
+    latent = next((tuple(int(d) for d in s) for n, s in (shapes or {}).items() if n in LATENT_INPUTS), None)
+    if latent is not None:
+        return " ".join(words + _size_flags(manifest.latent_scale, latent, latent, latent))
+    records = [e for e in manifest.engines if e.get("backend") == backend]
+    for data in records:
+        profile = data.get("profile") or {}
+        found = next((profile[n] for n in LATENT_INPUTS if n in profile), None)
+        if found is not None:
+            low, opt, high = (tuple(int(d) for d in s) for s in found)
+            return " ".join(words + _size_flags(manifest.latent_scale, low, opt, high))
+    kinds = {name: comp.kind for name, comp in manifest.components.items()}
+    if backend == "ort-cuda" and any(kinds.get(e.get("component")) == "fused_step" for e in records):
+        # fused steps recorded without a profile: a dynamic build
+        words.append("--dynamic")
     return " ".join(words)
+
+
+def _size_flags(scale: int, low: Sequence[int], opt: Sequence[int], high: Sequence[int]) -> list[str]:
+    """``--height --width --batch`` of a latent profile, and the ``--dynamic`` bounds of a range."""
+    if not len(low) == len(opt) == len(high) == 4:
+        return []
+    flags = ["--height", str(opt[2] * scale), "--width", str(opt[3] * scale), "--batch", str(opt[0])]
+    if tuple(low) != tuple(high):  # dimension_ranges: one size range for both sides, batches 1..max
+        flags += ["--dynamic", "--min-size", str(min(low[2], low[3]) * scale),
+                  "--max-size", str(max(high[2], high[3]) * scale), "--max-batch", str(high[0])]
+    return flags
 
 
 def _ort_version() -> str | None:

@@ -194,6 +194,11 @@ def engine_files_of(record: dict[str, Any]) -> list[str]:
     return [str(p) for p in (record.get("file"), *record.get("extra_files", ())) if p]
 
 
+def _engine_backend(m: Manifest, path: str) -> str:
+    """The backend of the engine record that owns ``path``."""
+    return next((str(r.get("backend")) for r in m.engines if path in engine_files_of(r)), "trt")
+
+
 def resolve(root: Path, relative: str) -> Path:
     """Resolve a manifest path, refusing anything that leaves the package directory."""
     if Path(relative).is_absolute():
@@ -307,7 +312,8 @@ def _check_files(root: Path, m: Manifest, verify_hashes: bool, check_engines: bo
         is_engine = record.path in engines
         if is_engine and not check_engines:
             continue
-        fix = f"rebuild it: artrt build {root} --rebuild" if is_engine else "re-export it"
+        fix = (f"rebuild it: artrt build {root} --backend {_engine_backend(m, record.path)} --rebuild" if is_engine
+               else "re-export it")
         target = resolve(root, record.path)
         if not target.is_file():
             raise PackageError(f"package file missing: {record.path} (in {root}); {fix}")

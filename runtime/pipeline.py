@@ -22,7 +22,7 @@ from .denoise import LoopBuffers, can_capture, denoise
 from .errors import EngineError, InputError
 from .experts import history_resets, plan_experts
 from .images import save_png, to_pil
-from .engine_records import find_record
+from .engine_records import check_profiles, find_record
 from .loading import OpenEngines, choose_backend, open_engines
 from .package import Manifest, package_root, read_manifest, resolve
 from .samplers import plan_steps
@@ -146,6 +146,7 @@ class Pipeline:
             num_images,
         )
         args.check_memory(self.manifest)
+        check_profiles(self.root, self.manifest, self.backend, args.num_images, args.height, args.width)
         shape = args.latent_shape(self.manifest)
         rng = np.random.default_rng(args.seed)  # initial noise, then (ancestral samplers) step noise
         initial = _initial_latents(latents, shape, rng)

@@ -62,7 +62,8 @@ def test_bench_without_json_prints_the_table(sdxl_package, capsys):
 def test_bad_size_is_one_clear_error(sdxl_package, capsys):
     assert main(["--model", str(sdxl_package), "--backend", "ort-cpu", "--size", "33", "--runs", "1"]) == 1
     err = capsys.readouterr().err
-    assert "artrt: error:" in err and "multiple of" in err
+    errors = [line for line in err.splitlines() if line.startswith("artrt: error:")]
+    assert len(errors) == 1 and "multiple of" in errors[0], err
 
 
 def test_overhead_is_end_to_end_minus_floor():

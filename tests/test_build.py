@@ -2,14 +2,14 @@
 
 TensorRT cannot be installed here: the build is driven through a fake ``tensorrt``
 module that records what it is asked (flags, profiles, optimization level, timing
-cache), and every TensorRT attribute the builder uses is checked against the
-``tensorrt-stubs`` .pyi when those are installed. ``ort-cuda`` builds run a stand-in
-for ``optimize_for_cuda`` (the real optimizer takes seconds per UNet, even tiny ones).
+cache), and every TensorRT name the builder uses (read from its source) is checked
+against the ``tensorrt-stubs`` 10.13 .pyi files vendored in tests/data. ``ort-cuda``
+builds run a stand-in for ``optimize_for_cuda`` (the real optimizer takes seconds per
+UNet, even tiny ones).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from trt_api import load_stubs, missing_from, module_attributes, tensorrt_uses, wrong_calls
 
 from artrt.export.build import BuildRequest, DynamicRange, build_engines, plan_profiles
 from artrt.export.trt_build import BuildError
@@ -222,31 +223,22 @@ def test_ort_cuda_build_records_fused_graphs(package_copy, monkeypatch):
     assert not list((package_copy / "engines").glob(".*"))  # no scratch left
 
 
-def _stub_classes() -> dict[str, str]:
-    spec = importlib.util.find_spec("tensorrt_bindings")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("tensorrt-stubs not installed")
-    text = (Path(next(iter(spec.submodule_search_locations))) / "tensorrt.pyi").read_text()
-    return {block.split("(")[0].split(":")[0]: block for block in text.split("\nclass ")[1:]}
+def test_tensorrt_names_used_by_the_builder_exist_in_tensorrt_10_13():
+    """Every TensorRT name export/trt_build.py uses, read from its source (tests/trt_api.py),
+    is in the tensorrt-stubs 10.13 .pyi files vendored in tests/data, with calls and the
+    logger's and progress monitor's overrides matching a signature there."""
+    from artrt.export import trt_build
 
-
-def test_tensorrt_attributes_used_exist_in_the_stubs():
-    used = {
-        "Builder": ["create_network", "create_builder_config", "create_optimization_profile",
-                    "build_serialized_network"],
-        "IBuilderConfig": ["builder_optimization_level", "add_optimization_profile", "create_timing_cache",
-                           "set_timing_cache", "get_timing_cache", "progress_monitor"],
-        "ITimingCache": ["combine", "serialize"],
-        "IOptimizationProfile": ["set_shape"],
-        "OnnxParser": ["parse_from_file", "num_errors", "get_error"],
-        "ParserError": ["node", "node_name", "node_operator", "desc"],
-        "INetworkDefinition": ["num_inputs", "get_input"],
-        "ITensor": ["name", "shape"],
-        "NetworkDefinitionCreationFlag": ["STRONGLY_TYPED"],
-        "ILogger": ["log"],
-        "IProgressMonitor": ["phase_start", "step_complete", "phase_finish"],
-    }
-    classes = _stub_classes()
-    for cls, names in used.items():
-        for name in names:
-            assert re.search(rf"(def {name}\(|\b{name}\b\s*:)", classes[cls]), f"{cls}.{name}"
+    source = Path(trt_build.__file__).read_text()
+    stubs = load_stubs()
+    uses = tensorrt_uses(source, stubs)
+    owners = {name.rpartition(".")[0] for name in uses.names}
+    # The inference must follow the builder's objects, or it checks next to nothing.
+    assert {"", "Builder", "IBuilderConfig", "INetworkDefinition", "OnnxParser", "ParserError", "ITimingCache",
+            "ILogger", "IProgressMonitor"} <= owners, sorted(uses.names)
+    assert module_attributes(source, "trt") <= uses.names
+    assert uses.overrides, "the logger's and progress monitor's methods were not found"
+    assert not uses.unresolved, f"uses on values whose type the stubs leave open: {uses.unresolved}"
+    missing = missing_from(stubs, uses.names)
+    assert not missing, f"not in TensorRT 10.13: { {name: uses.lines[name] for name in missing} }"
+    assert not wrong_calls(stubs, uses)

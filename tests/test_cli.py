@@ -102,11 +102,19 @@ def test_unwritable_output(capsys, sdxl_package, tmp_path):
     _assert_one_line_error(code, err, "does not exist")
     code, _, err = _run(capsys, "generate", "p", "--model", sdxl_package, "-o", tmp_path / "o.jpg")
     _assert_one_line_error(code, err, "must end in .png")
-    if os.geteuid() != 0:  # root can write anywhere
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        code, _, err = _run(capsys, "generate", "p", "--model", sdxl_package, "-o", locked / "o.png")
-        _assert_one_line_error(code, err, "not writable")
+    not_a_directory = tmp_path / "notes.txt"  # a file where the directory should be: unwritable for root too
+    not_a_directory.write_text("kept")
+    code, _, err = _run(capsys, "generate", "p", "--model", sdxl_package, "-o", not_a_directory / "o.png")
+    _assert_one_line_error(code, err, f"directory {not_a_directory} does not exist")
+    assert not_a_directory.read_text() == "kept"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a read-only directory (CI runs as root)")
+def test_output_in_a_read_only_directory(capsys, sdxl_package, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, _, err = _run(capsys, "generate", "p", "--model", sdxl_package, "-o", locked / "o.png")
+    _assert_one_line_error(code, err, "not writable")
 
 
 def test_export_errors(capsys, models_dir, tmp_path):

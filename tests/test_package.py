@@ -68,7 +68,7 @@ def test_paths_must_stay_inside_the_package(package_copy, bad_path):
         read_manifest(package_copy)
 
 
-def test_not_json_and_wrong_version(package_copy):
+def test_manifest_that_is_not_json(package_copy):
     (package_copy / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(PackageError, match="not valid JSON"):
         read_manifest(package_copy)

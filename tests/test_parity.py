@@ -98,7 +98,7 @@ def test_single_expert_matches_diffusers(diffusers_pair, sdxl_pipe, sampler):
     assert value >= MIN_PSNR
 
 
-def test_dpm_history_is_reset_at_the_switch(diffusers_pair, sdxl_pipe):
+def test_history_reset_makes_the_dpm_step_at_the_switch_first_order(sdxl_pipe):
     """The detail expert's first DPM++(2M) step is first order, as with diffusers' fresh refiner
     scheduler; carrying the composition expert's history over would change the image."""
     from artrt.runtime.experts import plan_experts

@@ -42,7 +42,7 @@ def test_batch_images_equal_single_images_with_same_latents(sdxl_pipe):
     assert np.abs(both[1].astype(int) - second[0].astype(int)).max() <= 1
 
 
-def test_nan_latents_are_refused_before_any_work(sdxl_pipe):
+def test_nan_latents_are_refused(sdxl_pipe):
     latents = np.full((1, 4, 16, 16), np.nan, np.float32)
     with pytest.raises(InputError, match="latents contain NaN"):
         sdxl_pipe.generate("p", steps=2, latents=latents)
