@@ -27,8 +27,8 @@ import numpy as np
 from peers import DEFAULT_PEERS, DEMO_PEERS, DEMO_PROMPT, PEERS, Settings
 from report import write_outputs
 
-from artrt.runtime.bench import stage_values
-from artrt.runtime.bench_report import busy_cpu_seconds, machine_info, other_cores, summarize
+from artrt.runtime.cli.bench import stage_values
+from artrt.runtime.cli.bench_report import busy_cpu_seconds, machine_info, other_cores, summarize
 
 log = logging.getLogger("benchmarks")
 EXPERTS = [("composition", "expert_composition"), ("detail", "expert_detail")]

@@ -49,7 +49,7 @@ def make_package(work: Path, size: str, px: int) -> Path:
 
 def timed_steps(pipe, **kwargs) -> tuple[list[float], dict[str, float], object]:
     """Generate once while timing every expert step (stream synchronised after each step)."""
-    stream = pipe._opened.stream
+    stream = pipe.stream
     times: list[float] = []
     originals = {}
     for name in ("expert_composition", "expert_detail"):

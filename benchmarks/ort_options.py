@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from artrt.runtime import Pipeline
-from artrt.runtime.bench_report import busy_cpu_seconds, machine_info, other_cores, summarize
+from artrt.runtime.cli.bench_report import busy_cpu_seconds, machine_info, other_cores, summarize
 
 PROMPT = "a lighthouse at dusk"
 

@@ -50,7 +50,7 @@ class ArtrtPeer:
 
     def prepare(self, work: Path, threads: int) -> None:
         from artrt.runtime import Pipeline
-        from artrt.runtime.bench import EngineTimer
+        from artrt.runtime.cli.bench import EngineTimer
 
         self.pipe = Pipeline.load(self.package(work), backend="ort-cpu", threads=threads)
         self.timer = EngineTimer(self.pipe.engines)  # engine floor and host overhead of artrt's runs
@@ -229,7 +229,7 @@ class DemoTorchPeer:
     def prepare(self, work: Path, threads: int) -> None:
         import torch
 
-        from artrt.export.shapes_demo import TorchDemoPipeline
+        from artrt.demo.reference import TorchDemoPipeline
 
         torch.set_num_threads(threads)
         self.pipe = TorchDemoPipeline(self.models)

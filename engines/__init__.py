@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from artrt.runtime.errors import InputError
+from artrt.errors import InputError
 
 from .base import Engine, TensorSpec
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from artrt.runtime.errors import EngineError
+from artrt.errors import EngineError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from artrt.runtime.errors import EngineError
+from artrt.errors import EngineError
 
 
 @functools.cache

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from artrt.runtime.errors import EngineError
+from artrt.errors import EngineError
 
 from .base import Engine, TensorSpec
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from artrt.runtime.errors import EngineError
+from artrt.errors import EngineError, GraphCaptureError
 
 from .ort import OrtSessionEngine
 
@@ -124,8 +124,10 @@ class OrtCudaEngine(OrtSessionEngine):
         try:
             session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            hint = " (CUDA graphs need every node on the CUDA EP: try cuda_graph=False)" if self.cuda_graph else ""
-            raise EngineError(f"{self.name}: onnxruntime could not load {self.path} on CUDA: {exc}{hint}") from None
+            if self.cuda_graph and "graph capture" in str(exc):  # its refusal to capture this graph
+                raise GraphCaptureError(f"{self.name}: onnxruntime cannot capture {self.path} into a CUDA graph "
+                                        f"(every node must run on the CUDA EP): {exc}") from None
+            raise EngineError(f"{self.name}: onnxruntime could not load {self.path} on CUDA: {exc}") from None
         if session.get_providers()[:1] != [CUDA_EP]:
             raise self._no_cuda_ep(ort, session.get_providers())
         self._session = session

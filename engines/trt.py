@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from artrt.runtime.errors import EngineError
+from artrt.errors import EngineError
 
 from .base import Engine, TensorSpec
 from .cuda import DeviceArray, Stream

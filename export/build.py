@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from artrt.errors import ArtrtError, BuildError, InputError
 from artrt.runtime.engine_records import (
     ENGINE_DIR,
     EngineRecord,
@@ -32,10 +33,9 @@ from artrt.runtime.engine_records import (
     staleness,
     with_record,
 )
-from artrt.runtime.errors import ArtrtError, InputError
 from artrt.runtime.package import Manifest, read_manifest, resolve, sha256_file, write_manifest
 
-from .trt_build import BuildError, Shape, build_plan, tensorrt_version
+from .trt_build import Shape, build_plan, tensorrt_version
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from artrt.runtime.errors import ArtrtError
+from artrt.errors import CpuOptimizeError
 from artrt.runtime.package import Manifest, file_record, resolve
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,6 @@ CONTRIB_DOMAIN = "com.microsoft"
 CPU_KINDS = ("fused_step", "vae_decoder")  # the components with SDPA attention (CLIP's is masked)
 TOLERANCE = 1e-4  # max abs difference of fused vs original outputs, relative to max(1, |output|)
 
-
-class CpuOptimizeError(ArtrtError):
-    """The fused graph changed the interface or disagrees with the original graph."""
 
 
 class _Graph:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import torch
 
-from artrt.runtime.errors import ArtrtError
+from artrt.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +20,6 @@ OPSET = 17
 # Above this many bytes of weights a graph is saved with external data (protobuf caps at 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
-
-class ExportError(ArtrtError):
-    """A graph failed to export, or its ONNX output disagrees with PyTorch."""
 
 
 def export_onnx(

@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from artrt.runtime.errors import ArtrtError, InputError
+from artrt.errors import InputError, OptimizeError
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,6 @@ SIZE_LIMITED: dict[str, tuple[str, frozenset[int] | None]] = {
 }
 GROUP_NORM_BLOCK_SIZES = (128, 256, 320, 384, 512)  # kSizes in group_norm_common_base.h
 
-
-class OptimizeError(ArtrtError):
-    """The ONNX Runtime transformers optimizer failed or changed the graph's interface."""
 
 
 def optimize_for_cuda(src: Path, dst: Path, model_type: str) -> Path:

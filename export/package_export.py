@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import artrt
-from artrt.runtime.errors import InputError
+from artrt.errors import InputError
 from artrt.runtime.package import (
     FORMAT_NAME,
     MANIFEST_NAME,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from artrt.runtime.errors import ConfigError, InputError
+from artrt.errors import ConfigError, InputError
 from artrt.runtime.package import Conditioning
 from artrt.runtime.schedules import ScheduleConfig
 

@@ -10,20 +10,17 @@ returns is checked, and failures name the component, tensor and value.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from artrt.runtime.errors import ArtrtError
+from artrt.errors import BuildError
+from artrt.files import write_atomic
 
 log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
 
-
-class BuildError(ArtrtError):
-    """An engine could not be built (TensorRT missing, parser or builder failure)."""
 
 
 def import_tensorrt() -> Any:
@@ -75,7 +72,8 @@ def build_plan(
     if plan is None:
         detail = logger.errors[-1] if logger.errors else "see the TensorRT messages above"
         raise BuildError(f"{name}: TensorRT failed to build an engine from {onnx.name}: {detail}")
-    atomic_write(dst, memoryview(plan))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dst, memoryview(plan))
     if timing_cache is not None:
         save_timing_cache(config, timing_cache)
 
@@ -91,18 +89,6 @@ def parser_errors(parser: Any) -> str:
     return "; ".join(problems) or "no error reported by the parser"
 
 
-def atomic_write(path: Path, data: Any) -> None:
-    """Write ``data`` (bytes-like) to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_timing_cache(config: Any, path: Path) -> None:
     """Merge this build's timing cache into the file at ``path`` (others may have added to it)."""
     cache = config.get_timing_cache()
@@ -113,7 +99,8 @@ def save_timing_cache(config: Any, path: Path) -> None:
                 cache = on_disk
         except Exception as exc:  # a corrupt cache is replaced, never fatal
             log.warning("replacing unreadable timing cache %s (%s)", path, exc)
-    atomic_write(path, memoryview(cache.serialize()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, memoryview(cache.serialize()))
 
 
 def _load_timing_cache(config: Any, path: Path | None) -> Any:

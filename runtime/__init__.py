@@ -1,12 +1,12 @@
-"""Torch-free runtime: package loading, schedules, the sampling loop, images, CLI.
+"""Torch-free runtime core: package loading, schedules, the sampling loop, images (CLI in ``cli``).
 
 ``Pipeline`` and ``GenerationResult`` are imported on first use, so importing a
-submodule (``artrt.runtime.errors``) stays cheap.
+submodule (``artrt.runtime.package``) stays cheap. The errors live in ``artrt.errors``.
 """
 
 from typing import Any
 
-from .errors import ArtrtError, ConfigError, EngineError, InputError, PackageError
+from artrt.errors import ArtrtError, ConfigError, EngineError, InputError, PackageError
 
 __all__ = ["ArtrtError", "ConfigError", "EngineError", "GenerationResult", "InputError", "PackageError", "Pipeline"]
 

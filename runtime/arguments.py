@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 import artrt
+from artrt.errors import InputError
 
 from .budget import check_fits, request_cost
-from .errors import InputError
 from .package import Manifest
 from .schedules import Sampler
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .errors import InputError
+from artrt.errors import InputError
 
 ACTIVATION_BYTES_PER_PIXEL = 4096
 HEADROOM = 0.9  # of the available memory a request may plan to use

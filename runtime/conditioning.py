@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from artrt.errors import PackageError
+
 from .package import Conditioning
 
 
@@ -48,7 +50,9 @@ def build_conditioning(
     feeds = {"encoder_hidden_states": np.repeat(hidden, batch, axis=0)}
     if cond.pooled is not None:
         pooled = encoded[cond.pooled].pooled
-        assert pooled is not None, f"{cond.pooled} has no pooled output"
+        if pooled is None:
+            raise PackageError(f"the manifest takes pooled text embeddings from {cond.pooled}, whose graph has "
+                               "no 'pooled' output")
         pooled = pooled.astype(np.float32, copy=True)
         if zero:
             pooled[0] = 0.0

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from artrt.engines import Engine
+from artrt.errors import EngineError
 
-from .errors import EngineError
 from .experts import Segment
 from .samplers import STEP_SCALARS
 

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import PackageError
+from artrt.errors import PackageError, StaleEngineError
+
 from .package import Manifest, engine_files_of, file_record, resolve
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,6 @@ LATENT_INPUTS = ("sample", "latents")  # the [B, C, h, w] input of expert steps 
 TEXT_BATCH = 2  # text encoders always run [negative, prompt] (as export.build.TEXT_BATCH)
 Shape = tuple[int, ...]
 
-
-class StaleEngineError(PackageError):
-    """A built engine is missing or does not fit this system, package or request."""
 
 
 def format_capability(value: Any) -> str | None:

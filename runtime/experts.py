@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from artrt.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,8 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .errors import InputError
+from artrt.errors import InputError
+from artrt.files import write_atomic
 
 PNG_KEY = "parameters"
 
@@ -36,14 +36,7 @@ def save_png(image: Image.Image, path: str | Path, parameters: dict[str, Any]) -
     if not path.parent.is_dir():
         raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
     data = encode_png(image, parameters)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return path
+    return write_atomic(path, data)
 
 
 def encode_png(image: Image.Image, parameters: dict[str, Any]) -> bytes:

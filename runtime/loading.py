@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from artrt.engines import BACKENDS, Engine, create_engine, resolve_backend
+from artrt.errors import EngineError, GraphCaptureError
 
 from .engine_records import component_file
-from .errors import EngineError
 from .package import Manifest
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ def _activate(backend: str, path: Path, name: str, options: dict[str, Any]) -> E
     """Activate one engine; an ONNX Runtime graph that cannot be captured runs uncaptured."""
     try:
         return create_engine(backend, path, name=name, **options).activate()
-    except EngineError as exc:
-        if not options.get("cuda_graph") or "graph capture" not in str(exc):
-            raise
+    except GraphCaptureError as exc:
         log.warning("%s: CUDA graph capture unavailable (%s); running it without graphs", name, exc)
         return create_engine(backend, path, name=name, **{**options, "cuda_graph": False}).activate()
 

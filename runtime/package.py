@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import PackageError
+from artrt.errors import PackageError
+from artrt.files import write_atomic
 
 MANIFEST_NAME = "artrt.json"
 FORMAT_NAME = "artrt-package"
@@ -140,12 +141,8 @@ def file_record(root: Path, relative: str) -> FileRecord:
 
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:
-    """Write ``artrt.json`` atomically (temporary file + rename)."""
-    path = Path(root) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    """Write ``artrt.json`` atomically (:func:`artrt.files.write_atomic`)."""
+    return write_atomic(Path(root) / MANIFEST_NAME, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
 
 
 def package_root(path: str | Path) -> Path:

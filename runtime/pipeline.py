@@ -15,14 +15,14 @@ from PIL import Image
 
 from artrt.engines import Engine
 from artrt.engines.ort import max_threads
+from artrt.errors import EngineError, InputError
 
 from .arguments import GenerationArguments, check_int
 from .conditioning import EncodedText, build_conditioning
 from .denoise import LoopBuffers, can_capture, denoise
-from .errors import EngineError, InputError
+from .engine_records import check_profiles, find_record
 from .experts import history_resets, plan_experts
 from .images import save_png, to_pil
-from .engine_records import check_profiles, find_record
 from .loading import OpenEngines, choose_backend, open_engines
 from .package import Manifest, package_root, read_manifest, resolve
 from .samplers import plan_steps
@@ -102,6 +102,11 @@ class Pipeline:
     def device(self) -> str:
         """``cpu``, or ``cuda`` when the engines run on a GPU."""
         return self._opened.device
+
+    @property
+    def stream(self) -> Any:
+        """The CUDA stream every engine runs on (None on the CPU)."""
+        return self._opened.stream
 
     def close(self) -> None:
         """Release the engines and buffers (waits for a running call); later calls raise InputError."""

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from artrt.errors import ConfigError, InputError
+
 from .schedules import (
     BetaSchedule,
     PredictionType,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from artrt.errors import ConfigError, InputError
 
 
 class Sampler(str, enum.Enum):

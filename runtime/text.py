@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PackageError
+from artrt.errors import PackageError
+
 from .package import TokenizerInfo
 
 log = logging.getLogger(__name__)

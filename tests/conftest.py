@@ -21,7 +21,7 @@ def random_text_head(**config):
     """A demo text head with every weight random (as after training): not the identity a new one is."""
     import torch
 
-    from artrt.export.text_head import TextHead
+    from artrt.demo.text_head import TextHead
 
     head = TextHead(**config)
     generator = torch.Generator().manual_seed(1)

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from artrt.runtime.bench import EngineTimer, main, parse_size, stage_values, switch_step
-from artrt.runtime.bench_report import fit_line, format_table, other_cores, percentile, summarize
+from artrt.runtime.cli.bench import EngineTimer, main, parse_size, stage_values, switch_step
+from artrt.runtime.cli.bench_report import fit_line, format_table, other_cores, percentile, summarize
 
 EXPERTS = [("composition", "expert_composition"), ("detail", "expert_detail")]
 STAGES = ("tokenize", "text_encoder", "text_encoder_2", "expert:composition", "expert:detail", "step:composition",

@@ -20,10 +20,9 @@ import onnx
 import pytest
 from trt_api import load_stubs, missing_from, module_attributes, tensorrt_uses, wrong_calls
 
+from artrt.errors import BuildError, InputError, StaleEngineError
 from artrt.export.build import BuildRequest, DynamicRange, build_engines, plan_profiles
-from artrt.export.trt_build import BuildError
-from artrt.runtime.engine_records import StaleEngineError, SystemInfo, component_file, find_record
-from artrt.runtime.errors import InputError
+from artrt.runtime.engine_records import SystemInfo, component_file, find_record
 from artrt.runtime.package import read_manifest
 
 

@@ -25,9 +25,9 @@ from artrt.engines.cuda import DeviceArray, DeviceInfo
 from artrt.engines.ort import OrtCpuEngine
 from artrt.engines.ort_cuda import OrtCudaEngine
 from artrt.engines.trt import INSTALL_HINT, TrtEngine
+from artrt.errors import EngineError
 from artrt.runtime import denoise as loop
 from artrt.runtime.denoise import MAX_CAPTURED_LOOPS, HostMemory, LoopBuffers, can_capture, denoise
-from artrt.runtime.errors import EngineError
 from artrt.runtime.experts import Segment
 from artrt.runtime.samplers import STEP_SCALARS
 

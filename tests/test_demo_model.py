@@ -15,8 +15,8 @@ import torch
 from conftest import psnr, random_text_head
 from PIL import Image
 
-from artrt.export.shapes_demo import TorchDemoPipeline
-from artrt.runtime.demo import fingerprint, weights_dir
+from artrt.demo.cache import fingerprint, weights_dir
+from artrt.demo.reference import TorchDemoPipeline
 from artrt.runtime.images import read_parameters
 
 PROMPT = "a red circle left of a blue square"

@@ -59,7 +59,7 @@ def test_recipe_writes_three_loadable_unets_and_resumes(tmp_path):
     headed.mkdir()
     (headed / "data.pt").symlink_to(tmp_path / "data.pt")
     train(headed, 1, "detail", options=("--text-head", "--role-loss", "1"))
-    from artrt.export.text_head import TextHead
+    from artrt.demo.text_head import TextHead
 
     assert TextHead.load(headed / "weights" / "text_head").config["tokens"] == 24
     assert "base step 2/2" in train(headed, 2, options=("--text-head",))  # resumes with its head

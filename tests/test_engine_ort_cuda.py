@@ -18,7 +18,7 @@ import pytest
 
 from artrt.engines.cuda import gpu_available
 from artrt.engines.ort_cuda import OrtCudaEngine, cuda_provider_options
-from artrt.runtime.errors import EngineError, InputError
+from artrt.errors import EngineError, InputError
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 gpu = pytest.mark.gpu

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from artrt.errors import PackageError, StaleEngineError
 from artrt.export.build import BuildRequest, DynamicRange, build_engines, plan_profiles
 from artrt.runtime.engine_records import (
     EngineRecord,
-    StaleEngineError,
     SystemInfo,
     build_command,
     check_profiles,
@@ -28,7 +28,6 @@ from artrt.runtime.engine_records import (
     staleness,
     with_record,
 )
-from artrt.runtime.errors import PackageError
 from artrt.runtime.package import MANIFEST_NAME, read_manifest, write_manifest
 
 PROFILE = {"sample": ((1, 4, 16, 16), (1, 4, 16, 16), (1, 4, 16, 16)), "step": ((9,),) * 3}

@@ -34,7 +34,7 @@ from trt_api import (
 from artrt.engines import cuda, trt
 from artrt.engines.cuda import DeviceArray, check, gpu_available
 from artrt.engines.trt import TRT_API_USED, TrtEngine
-from artrt.runtime.errors import EngineError
+from artrt.errors import EngineError
 
 needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs an NVIDIA GPU, its driver and cuda-python")
 SHAPE = (2, 4, 8, 8)
@@ -115,8 +115,8 @@ def test_stubs_alone_do_not_count_as_tensorrt(tmp_path):
 import importlib.util, re
 import tensorrt  # the namespace package
 from artrt.engines import backend_problems, trt
-from artrt.export.trt_build import BuildError, import_tensorrt
-from artrt.runtime.errors import EngineError
+from artrt.export.trt_build import import_tensorrt
+from artrt.errors import BuildError, EngineError
 assert importlib.util.find_spec("tensorrt") is not None and not trt.tensorrt_installed()
 assert backend_problems()["trt"] == "TensorRT is not installed"
 try:

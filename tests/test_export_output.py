@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from artrt.errors import InputError
 from artrt.export.package_export import _move_into_place, check_output_dir, export_package
 from artrt.runtime.cli import main
-from artrt.runtime.errors import InputError
 from artrt.runtime.package import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
 
 

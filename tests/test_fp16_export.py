@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from artrt.engines.ort import OrtCpuEngine
-from artrt.runtime.errors import InputError
+from artrt.errors import InputError
 from artrt.runtime.package import read_manifest
 
 CONDITIONING = {"encoder_hidden_states", "text_embeds", "time_ids"}

@@ -9,10 +9,10 @@ import logging
 import numpy as np
 import pytest
 
-from artrt.runtime.arguments import GenerationArguments, check_guidance
+from artrt.errors import InputError, PackageError
+from artrt.runtime.arguments import check_guidance
 from artrt.runtime.budget import ACTIVATION_BYTES_PER_PIXEL, check_fits, request_cost
 from artrt.runtime.cli import main
-from artrt.runtime.errors import InputError, PackageError
 from artrt.runtime.package import read_manifest
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from artrt.runtime.errors import PackageError
+from artrt.errors import PackageError
 from artrt.runtime.package import MANIFEST_NAME, read_manifest
 
 

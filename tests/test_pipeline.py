@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from artrt.errors import EngineError, InputError
 from artrt.runtime.denoise import step_tables
-from artrt.runtime.errors import EngineError, InputError
 from artrt.runtime.experts import Segment, plan_experts, switch_cutoff
 from artrt.runtime.samplers import plan_steps
 from artrt.runtime.schedules import Sampler, ScheduleConfig

@@ -17,7 +17,7 @@ from PIL import Image
 
 from artrt.runtime.cli import main
 from artrt.runtime.images import read_parameters
-from artrt.runtime.prompt_files import read_prompt_file
+from artrt.runtime.sampling.prompt_files import read_prompt_file
 
 STEPS = ["--steps", "2"]
 
@@ -163,7 +163,7 @@ def test_changed_parameters_need_overwrite(capsys, sdxl_package, tmp_path):
 
 
 def test_one_job_per_directory(capsys, sdxl_package, tmp_path):
-    from artrt.runtime.sample_output import OutputDir
+    from artrt.runtime.sampling.output import OutputDir
 
     held = OutputDir(tmp_path / "out")
     held.prepare(overwrite=False)

@@ -12,7 +12,7 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
-from artrt.runtime.errors import ConfigError, InputError
+from artrt.errors import ConfigError, InputError
 from artrt.runtime.samplers import STEP_SCALARS, plan_steps
 from artrt.runtime.schedules import Sampler, ScheduleConfig
 

@@ -14,7 +14,7 @@ from diffusers import (
 )
 from test_samplers import CASES, diffusers_scheduler
 
-from artrt.runtime.errors import ConfigError, InputError
+from artrt.errors import ConfigError, InputError
 from artrt.runtime.samplers import plan_steps
 from artrt.runtime.schedules import (
     BetaSchedule,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import random_text_head
 
-from artrt.export.text_head import EncoderWithHead, TextHead
+from artrt.demo.text_head import EncoderWithHead, TextHead
 
 
 def padded_states(batch: int = 3, tokens: int = 24, width: int = 384, used: int = 9) -> torch.Tensor:

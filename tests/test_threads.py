@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from artrt.runtime.errors import InputError
+from artrt.errors import InputError
 
 
 def _pixels(out) -> np.ndarray:

@@ -21,8 +21,8 @@ from train import alphas_cumprod, encode, to_model_space
 
 from artrt.demo.captions import caption
 from artrt.demo.spec import CONVERSE, PromptSpec
+from artrt.demo.text_head import TextHead
 from artrt.demo.world import layout, render, sample_spec
-from artrt.export.text_head import TextHead
 
 
 def relation_examples(n: int, seed: int) -> tuple[torch.Tensor, list[str], list[str]]:

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from artrt.demo.captions import caption, word_sides
+from artrt.demo.text_head import TextHead
 from artrt.demo.world import layout, sample_example, sample_spec
 from artrt.export.graphs import TextEncoderGraph
 from artrt.export.shapes_demo import MAX_TOKENS, PATCH, SCHEDULER_CONFIG, UNET_CONFIG, load_text_encoder
-from artrt.export.text_head import TextHead
+from artrt.files import write_atomic
 
 log = logging.getLogger("train")
 
@@ -60,9 +61,7 @@ def make_data(out: Path, examples: int, seed: int) -> dict[str, torch.Tensor]:
         if "sides" not in data:
             data["sides"] = token_sides(replay_captions(examples, seed))
             assert len(data["sides"]) == len(data["states"]), "data.pt was made with other --examples/--seed"
-            tmp = path.resolve().with_suffix(".tmp")
-            torch.save(data, tmp)
-            tmp.replace(path.resolve())
+            write_atomic(path.resolve(), lambda p: torch.save(data, p))
         return data
     rng = np.random.default_rng(seed)
     images = np.empty((examples, 32, 32, 3), dtype=np.uint8)
@@ -202,9 +201,7 @@ class Trainer:
                  "generator": self.generator.get_state(), "step": self.step}
         if self.head is not None:
             state.update(head=self.head.state_dict(), head_ema=self.head_ema)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.path)
+        write_atomic(self.path, lambda p: torch.save(state, p))
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         g, n = self.generator, self.data["images"].shape[0]
@@ -324,7 +321,7 @@ def main() -> None:
     p.add_argument("--unet-config", type=json.loads, default={}, metavar="JSON",
                    help="UNet settings that replace the shipped ones (artrt.export.shapes_demo.UNET_CONFIG), e.g. "
                    "'{\"layers_per_block\": 2}'; a resumed run must pass the same")
-    p.add_argument("--text-head", action="store_true", help="train a text head (artrt.export.text_head) with "
+    p.add_argument("--text-head", action="store_true", help="train a text head (artrt.demo.text_head) with "
                    "the base, frozen for the experts; a base checkpoint without one gets a fresh head")
     p.add_argument("--role-loss", type=float, default=0.0, help="weight of the text head's auxiliary loss: "
                    "write each token's side (artrt.demo.captions.word_sides) into its state (default 0: none)")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from artrt.errors import InputError
 
 # Per-item fields and their types; values given here override the command line.
 FIELDS = {

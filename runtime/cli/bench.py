@@ -27,10 +27,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .bench_report import busy_cpu_seconds, fit_line, format_table, machine_info, other_cores, summarize, write_json
-from .errors import ArtrtError, InputError
+from artrt.errors import ArtrtError, InputError
 
-log = logging.getLogger("artrt.runtime.bench")  # also when run as __main__
+from .bench_report import busy_cpu_seconds, fit_line, format_table, machine_info, other_cores, summarize, write_json
+
+log = logging.getLogger("artrt.runtime.cli.bench")  # also when run as __main__
 PROMPT = "a lighthouse at dusk"
 
 
@@ -180,7 +181,7 @@ def device_used_mib() -> float | None:
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Measure everything ``artrt bench`` reports and return it as a JSON-ready dict."""
-    from .pipeline import Pipeline
+    from artrt.runtime.pipeline import Pipeline
 
     if cfg.runs < 1 or cfg.warmup < 0 or cfg.steps < 1 or any(b < 1 for b in cfg.batches):
         raise InputError("--runs, --steps and --batch must be >= 1 and --warmup >= 0")
@@ -209,7 +210,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 } if cfg.fit else {"fit_steps": None, "fit_size": None}
         counts = {name: sum(1 for c in samples[0]["calls"] if c[0] == comp) for name, comp in experts}
         memory = {"peak_rss_mib": peak_rss_mib(), "before_load_rss_mib": before, "method": "ru_maxrss",
-                  "device_used_mib": device_used_mib() if pipe._opened.device == "cuda" else None}
+                  "device_used_mib": device_used_mib() if pipe.device == "cuda" else None}
         backend = pipe.backend
     finally:
         timer.restore()
@@ -277,11 +278,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m artrt.runtime.bench --model PKG ...``"""
-    parser = argparse.ArgumentParser(prog="python -m artrt.runtime.bench", description=__doc__.split("\n\n")[0])
+    """``python -m artrt.runtime.cli.bench --model PKG ...``"""
+    parser = argparse.ArgumentParser(prog="python -m artrt.runtime.cli.bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    from .cli import configure_logging
+    from .options import configure_logging
 
     configure_logging()
     try:

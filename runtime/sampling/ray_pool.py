@@ -13,13 +13,11 @@ import json
 import logging
 import re
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import ArtrtError, EngineError, InputError
-from .sample_tasks import ImageResult, ImageTask, describe_device, make_batch
+from artrt.errors import ArtrtError, EngineError, InputError
 
-if TYPE_CHECKING:
-    from .sampling_job import SampleConfig
+from .tasks import ImageResult, ImageTask, SampleConfig, describe_device, make_batch
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +31,7 @@ class BatchMaker:
     COLUMNS = ("id", "png", "sha256", "timings", "batch_size", "backend", "device", "error", "fatal")
 
     def __init__(self, model: str, backend: str, threads: int | None, verify: bool) -> None:
-        from .pipeline import Pipeline
+        from artrt.runtime.pipeline import Pipeline
 
         self.pipe, self.load_error = None, ""
         try:

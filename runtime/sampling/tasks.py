@@ -18,19 +18,21 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .arguments import GenerationArguments, check_int
-from .budget import check_fits, request_cost
-from .errors import ArtrtError, InputError
-from .images import encode_png
-from .package import Manifest
-from .pipeline import Pipeline
+from artrt.errors import ArtrtError, InputError
+from artrt.runtime.arguments import GenerationArguments, check_int
+from artrt.runtime.budget import check_fits, request_cost
+from artrt.runtime.images import encode_png
+from artrt.runtime.package import Manifest
+from artrt.runtime.pipeline import Pipeline
+from artrt.runtime.schedules import Sampler
+
 from .prompt_files import BadLine, PromptItem
-from .schedules import Sampler
 
 # Record fields that decide an image's pixels (besides the package): a record written
 # with other values is not the image the current command asks for.
@@ -53,6 +55,25 @@ class SampleOptions:
     width: int | None = None
     seed: int = 0  # item i gets seed + i unless it sets its own
     n: int = 1  # images per item
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Everything ``artrt sample`` was asked for."""
+
+    prompts: Path
+    model: Path
+    out: Path
+    options: SampleOptions = field(default_factory=SampleOptions)
+    batch: int = 1  # images per engine call, at most
+    overwrite: bool = False
+    strict: bool = False
+    backend: str = "auto"
+    threads: int | None = None
+    verify: bool = True
+    ray: str | None = None  # a Ray address, "auto" or "local"; None runs here
+    actors: int | None = None  # Ray actors (default: one per GPU, else one per --threads CPUs)
+
 
 
 @dataclass(frozen=True)

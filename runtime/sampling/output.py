@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
-from .sample_tasks import GENERATION_FIELDS, ImageTask
+from artrt.errors import InputError
+from artrt.files import write_atomic
+
+from .tasks import GENERATION_FIELDS, ImageTask
 
 log = logging.getLogger(__name__)
 
@@ -177,20 +179,6 @@ class OutputDir:
 
     def write_run(self, info: dict[str, Any]) -> None:
         write_atomic(self.run_file, (json.dumps(info, indent=2) + "\n").encode())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _line(record: dict[str, Any]) -> bytes:

@@ -1,4 +1,4 @@
-"""``artrt demo``: the embedded shapes model, exported once into a cache, then generated from.
+"""The embedded shapes model as a package: exported once into a cache, then loaded (``artrt demo``).
 
 The weights ship inside the distribution (``artrt/demo/weights``); the package exported from
 them lives in ``$ARTRT_CACHE`` (default ``~/.cache/artrt``) under a name derived from the
@@ -18,9 +18,8 @@ from pathlib import Path
 from PIL import Image
 
 import artrt
-
-from .errors import InputError
-from .package import MANIFEST_NAME, sha256_file
+from artrt.errors import InputError
+from artrt.runtime.package import MANIFEST_NAME, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -14,38 +14,19 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import artrt
 from artrt.engines import BACKENDS
+from artrt.errors import InputError
+from artrt.runtime.package import Manifest, engine_files, read_manifest, sha256_file
 
-from .errors import InputError
-from .package import Manifest, engine_files, read_manifest, sha256_file
+from .output import OutputDir, Resumed
 from .prompt_files import BadLine, read_prompt_file
-from .sample_output import OutputDir, Resumed
-from .sample_tasks import ImageResult, ImageTask, SampleOptions, describe_device, make_batch, plan_batches, plan_tasks
+from .tasks import ImageResult, ImageTask, SampleConfig, describe_device, make_batch, plan_batches, plan_tasks
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """Everything ``artrt sample`` was asked for."""
-
-    prompts: Path
-    model: Path
-    out: Path
-    options: SampleOptions = field(default_factory=SampleOptions)
-    batch: int = 1  # images per engine call, at most
-    overwrite: bool = False
-    strict: bool = False
-    backend: str = "auto"
-    threads: int | None = None
-    verify: bool = True
-    ray: str | None = None  # a Ray address, "auto" or "local"; None runs here
-    actors: int | None = None  # Ray actors (default: one per GPU, else one per --threads CPUs)
 
 
 @dataclass
@@ -134,7 +115,7 @@ def _check_package(resumed: Resumed, package: dict[str, Any], out: OutputDir) ->
 def _local_results(cfg: SampleConfig, batches: Sequence[list[ImageTask]]) -> Iterator[ImageResult]:
     if not batches:
         return
-    from .pipeline import Pipeline
+    from artrt.runtime.pipeline import Pipeline
 
     with Pipeline.load(cfg.model, backend=cfg.backend, threads=cfg.threads, verify_hashes=False) as pipe:
         device = describe_device(pipe)
@@ -143,7 +124,7 @@ def _local_results(cfg: SampleConfig, batches: Sequence[list[ImageTask]]) -> Ite
 
 
 def _ray_results(cfg: SampleConfig, batches: Sequence[list[ImageTask]], info: dict[str, Any]) -> Iterator[ImageResult]:
-    from .sample_ray import ray_results
+    from .ray_pool import ray_results
 
     return ray_results(cfg, batches, info)
 

@@ -1,0 +1,52 @@
+"""``artrt generate``: images from a prompt."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .options import add_runtime_options, add_sampling_options, check_output
+
+log = logging.getLogger("artrt")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate images from a prompt",
+        description="Generate images with a package. Unset options take the package defaults "
+        "(see 'artrt info'). Images are PNG with the parameters in a 'parameters' text chunk.",
+    )
+    p.add_argument("prompt")
+    p.add_argument("--model", "-m", required=True, type=Path, help="package directory")
+    p.add_argument("--output", "-o", type=Path, default=Path("out.png"),
+                   help="output PNG (default out.png); with --num-images N: out.png, out-1.png, ...")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
+    add_sampling_options(p, seed_help="noise seed (default 0)", sizes=True)
+    p.add_argument("--num-images", "-n", type=int, default=1, help="images per prompt, run as one batch")
+    add_runtime_options(p)
+
+
+def run(args: argparse.Namespace) -> None:
+    from artrt.runtime.arguments import GenerationArguments
+    from artrt.runtime.package import read_manifest
+    from artrt.runtime.pipeline import Pipeline
+
+    check_output(args.output)
+    guidance = args.guidance[0] if args.guidance and len(args.guidance) == 1 else args.guidance
+    manifest = read_manifest(args.model, verify_hashes=False)  # every argument checked before any engine loads
+    GenerationArguments.check(
+        manifest, args.prompt, args.negative_prompt, args.steps, guidance, args.switch, args.sampler, args.seed,
+        args.height, args.width, args.num_images,
+    ).check_memory(manifest)
+    with Pipeline.load(args.model, backend=args.backend, threads=args.threads,
+                       verify_hashes=not args.no_verify) as pipe:
+        result = pipe.generate(
+            args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=guidance,
+            switch=args.switch, sampler=args.sampler, seed=args.seed, height=args.height,
+            width=args.width, num_images=args.num_images,
+        )
+    for path in result.save(args.output):
+        log.info("wrote %s", path)
+    log.info("timings (s): %s", ", ".join(f"{k} {v:.3f}" for k, v in result.timings.items()))

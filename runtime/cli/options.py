@@ -1,0 +1,58 @@
+"""Options, checks and the logging set-up that several commands share."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from artrt.errors import InputError
+
+log = logging.getLogger("artrt")
+
+
+SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, seed_help: str, sizes: bool) -> None:
+    """Options that override a package's defaults, shared by generate, sample and demo."""
+    p.add_argument("--steps", type=int, help="sampling steps (default: the package's)")
+    p.add_argument("--guidance", type=float, nargs="+", metavar="G",
+                   help="classifier-free guidance: one value, or one per expert")
+    p.add_argument("--switch", type=float,
+                   help="fraction of the schedule run by the composition expert, in [0, 1]")
+    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    if sizes:
+        p.add_argument("--height", type=int, help="image height in pixels")
+        p.add_argument("--width", type=int, help="image width in pixels")
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", help="auto (default: trt when the package has TensorRT engines "
+                   "and a GPU is present, else ort-cuda, else ort-cpu), trt, ort-cuda or ort-cpu")
+    p.add_argument("--threads", type=int, help="CPU threads per engine (default: one per core)")
+    p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the package files")
+
+
+def check_output(path: Path) -> None:
+    if path.suffix.lower() != ".png":
+        raise InputError(f"output {path} must end in .png")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write {path}: directory {parent} is not writable")
+
+
+def configure_logging(quiet: bool = False) -> None:
+    """Progress to stderr as ``artrt: message`` lines (only warnings with --quiet)."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("artrt: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False

@@ -1,0 +1,59 @@
+"""``artrt sample``: a prompt file to an image set (resumable; locally or on Ray)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from artrt.errors import InputError
+
+from .options import add_runtime_options, add_sampling_options
+
+log = logging.getLogger("artrt")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="sample a prompt file to an image set (resumable; locally or on Ray)",
+        description="Generate every item of a prompt file (.txt: one prompt a line; .jsonl: one object a line "
+        "with prompt and optional id, negative_prompt, seed, steps, guidance, switch, sampler, height, width, n; "
+        ".csv: the same as columns) into OUT/images/<id>.png, one OUT/metadata.jsonl record per image and "
+        "OUT/run.json. Per-item values override the options. Item i gets seed --seed + i unless it sets one. "
+        "Run the same command again to finish a stopped run.",
+    )
+    p.add_argument("prompts", type=Path, help="prompt file (.txt, .jsonl or .csv)")
+    p.add_argument("--model", "-m", required=True, type=Path, help="package directory")
+    p.add_argument("--out", required=True, type=Path, help="output directory (created; resumed if it has a run)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
+    add_sampling_options(p, seed_help="base seed: item i gets seed + i (default 0)", sizes=True)
+    p.add_argument("--num-images", "-n", type=int, default=1, help="images per item (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="images per engine call, at most, from items with the "
+                   "same settings (default 1; GPU engines must be built for it)")
+    p.add_argument("--overwrite", action="store_true", help="redo the whole set (deletes OUT's earlier images)")
+    p.add_argument("--strict", action="store_true", help="stop before generating anything if a line is bad "
+                   "(default: report and skip bad lines)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on Ray: a cluster address, 'auto' (the running "
+                   "cluster) or 'local' (start one here); needs the 'ray' extra")
+    p.add_argument("--actors", type=int, help="with --ray: pipelines to run (default: one per GPU, else one "
+                   "per --threads CPUs)")
+    add_runtime_options(p)
+
+
+def run(args: argparse.Namespace) -> None:
+    from artrt.runtime.sampling import SampleConfig, SampleOptions, run_sample
+
+    if args.actors is not None and args.ray is None:
+        raise InputError("--actors only applies with --ray")
+    if args.seed < 0 or args.batch < 1 or (args.actors is not None and args.actors < 1):
+        raise InputError("--seed must be >= 0, --batch and --actors >= 1")
+    options = SampleOptions(
+        negative_prompt=args.negative_prompt, steps=args.steps,
+        guidance=tuple(args.guidance) if args.guidance else None, switch=args.switch, sampler=args.sampler,
+        height=args.height, width=args.width, seed=args.seed, n=args.num_images,
+    )
+    run_sample(SampleConfig(
+        args.prompts, args.model, args.out, options, batch=args.batch, overwrite=args.overwrite, strict=args.strict,
+        backend=args.backend, threads=args.threads, verify=not args.no_verify, ray=args.ray, actors=args.actors,
+    ))
