@@ -16,6 +16,7 @@ import torch
 
 import artrt
 from artrt.errors import InputError
+from artrt.runtime.arguments import check_float, check_steps, check_switch
 from artrt.runtime.package import (
     FORMAT_NAME,
     MANIFEST_NAME,
@@ -61,8 +62,7 @@ def export_package(
     """
     out = check_output_dir(out, overwrite)
     fp16 = _check_precisions(precisions, fp16_vae)
-    if not 0.0 <= switch <= 1.0:
-        raise InputError(f"--switch must be in [0, 1], got {switch}")
+    switch, steps, guidance = check_switch(switch), check_steps(steps), check_float("guidance", guidance)
     work = _beside(out, ".partial")
     if work.exists():
         log.warning("removing %s, left by an interrupted export", work)

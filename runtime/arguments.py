@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 import artrt
+from artrt.engines import BACKENDS
 from artrt.errors import InputError
 
 from .budget import check_fits, request_cost
@@ -71,6 +72,22 @@ def check_seed(value: Any) -> int:
     return secrets.randbelow(2**32) if value is None else check_int("seed", value, 0, MAX_SEED)
 
 
+def check_backend(name: Any) -> str:
+    """A backend name: ``auto`` or one of :data:`artrt.engines.BACKENDS`."""
+    if not isinstance(name, str) or name not in ("auto", *BACKENDS):
+        raise InputError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def check_switch(value: Any) -> float:
+    """The fraction of the schedule the composition expert runs, in [0, 1]."""
+    return check_float("switch", value, 0.0, 1.0)
+
+
+def check_steps(value: Any) -> int:
+    return check_int("steps", value, 1, MAX_STEPS)
+
+
 def check_side(name: str, value: Any, multiple: int) -> int:
     value = check_int(name, value, 1, MAX_SIDE)
     if value % multiple:
@@ -111,9 +128,9 @@ class GenerationArguments:
         return cls(
             prompt=prompt,
             negative_prompt=negative_prompt,
-            steps=check_int("steps", _or(steps, d.steps), 1, MAX_STEPS),
+            steps=check_steps(_or(steps, d.steps)),
             guidance=check_guidance(_or(guidance, d.guidance), len(m.experts)),
-            switch=check_float("switch", _or(switch, d.switch), 0.0, 1.0),
+            switch=check_switch(_or(switch, d.switch)),
             sampler=Sampler.parse(_or(sampler, d.sampler)),
             seed=check_seed(seed),
             height=check_side("height", _or(height, d.height), m.size_multiple),

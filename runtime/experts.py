@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from artrt.errors import InputError
+from .arguments import check_switch
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,7 @@ class Segment:
 
 def switch_cutoff(switch: float, num_train_timesteps: int) -> int:
     """diffusers' discrete timestep cutoff for a switch fraction in [0, 1]."""
-    if not 0.0 <= switch <= 1.0:
-        raise InputError(f"switch must be in [0, 1], got {switch}")
+    switch = check_switch(switch)
     return int(round(num_train_timesteps - switch * num_train_timesteps))
 
 

@@ -17,7 +17,7 @@ from artrt.engines import Engine
 from artrt.engines.ort import max_threads
 from artrt.errors import EngineError, InputError
 
-from .arguments import GenerationArguments, check_int
+from .arguments import GenerationArguments, check_backend, check_int
 from .conditioning import EncodedText, build_conditioning
 from .denoise import LoopBuffers, can_capture, denoise
 from .engine_records import check_profiles, find_record
@@ -83,6 +83,7 @@ class Pipeline:
         (``auto``: TensorRT when the package has engines for it, else ONNX Runtime CUDA, else CPU).
         ``threads``: CPU threads per engine (default one per core).
         ``cuda_graphs=False`` runs GPU steps without graph capture (for comparison)."""
+        check_backend(backend)
         if threads is not None:
             threads = check_int("threads", threads, 1, max_threads())
         if not isinstance(cuda_graphs, bool):

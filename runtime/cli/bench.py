@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from artrt.errors import ArtrtError, InputError
+from artrt.runtime.arguments import check_backend, check_steps
 
 from .bench_report import busy_cpu_seconds, fit_line, format_table, machine_info, other_cores, summarize, write_json
 
@@ -183,8 +184,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Measure everything ``artrt bench`` reports and return it as a JSON-ready dict."""
     from artrt.runtime.pipeline import Pipeline
 
-    if cfg.runs < 1 or cfg.warmup < 0 or cfg.steps < 1 or any(b < 1 for b in cfg.batches):
-        raise InputError("--runs, --steps and --batch must be >= 1 and --warmup >= 0")
+    check_steps(cfg.steps)
+    check_backend(cfg.backend)
+    if cfg.runs < 1 or cfg.warmup < 0 or any(b < 1 for b in cfg.batches):
+        raise InputError("--runs and --batch must be >= 1 and --warmup >= 0")
     before, cpu = peak_rss_mib(), busy_cpu_seconds()
     started = time.perf_counter()
     pipe = Pipeline.load(cfg.model, backend=cfg.backend, threads=cfg.threads, verify_hashes=cfg.verify)

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import artrt
-from artrt.engines import BACKENDS
 from artrt.errors import InputError
+from artrt.runtime.arguments import check_backend
 from artrt.runtime.package import Manifest, engine_files, read_manifest, sha256_file
 
 from .output import OutputDir, Resumed
@@ -42,8 +42,7 @@ class Counts:
 def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     """Run the job and return what ``run.json`` says about it; :class:`InputError` if images failed."""
     started = time.monotonic()
-    if cfg.backend not in ("auto", *BACKENDS):
-        raise InputError(f"unknown backend {cfg.backend!r}; choose from auto, {', '.join(BACKENDS)}")
+    check_backend(cfg.backend)
     manifest = read_manifest(cfg.model, verify_hashes=cfg.verify)
     tasks, bad, items = _plan(cfg, manifest)
     out = OutputDir(cfg.out)
