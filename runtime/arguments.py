@@ -79,6 +79,16 @@ def check_backend(name: Any) -> str:
     return name
 
 
+MEMORY_MODES = ("default", "low")
+
+
+def check_memory_mode(mode: Any) -> str:
+    """``default`` (every component resident) or ``low`` (one at a time)."""
+    if mode not in MEMORY_MODES:
+        raise InputError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {mode!r}")
+    return str(mode)
+
+
 def check_switch(value: Any) -> float:
     """The fraction of the schedule the composition expert runs, in [0, 1]."""
     return check_float("switch", value, 0.0, 1.0)

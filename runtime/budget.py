@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from artrt.errors import InputError
+
+from .package import Manifest
 
 ACTIVATION_BYTES_PER_PIXEL = 4096
 HEADROOM = 0.9  # of the available memory a request may plan to use
@@ -82,3 +85,26 @@ def check_fits(cost: RequestCost, what: str, available: int | None = None) -> No
         f"buffers {(cost.buffers + cost.pixels) / GIB:.1f}); {available / GIB:.1f} GiB is available: "
         "ask for fewer images or a smaller size"
     )
+
+
+def weight_bytes(manifest: Manifest, component: str) -> int:
+    """Bytes of the graph ONNX Runtime CPU loads for ``component``, external data included."""
+    comp = manifest.components[component]
+    graph = comp.onnx_cpu or comp.onnx
+    return sum(f.size for f in manifest.files if f.path == graph or f.path.startswith(graph + "."))
+
+
+def check_load_fits(root: Path, manifest: Manifest, backend: str, memory: str, available: int | None = None) -> None:
+    """Refuse, before loading, a package whose CPU graphs cannot fit in the memory left: all of them
+    in the default mode, the largest one with ``memory="low"`` (GPU backends hold weights on the device)."""
+    if backend != "ort-cpu":
+        return
+    sizes = {name: weight_bytes(manifest, name) for name in manifest.components}
+    need = sum(sizes.values()) if memory == "default" else max(sizes.values(), default=0)
+    available = available_memory() if available is None else available
+    if available is None or need <= HEADROOM * available:
+        return
+    hint = ("; try --memory low (one component resident at a time, about "
+            f"{max(sizes.values()) / GIB:.1f} GiB)" if memory == "default" else "")
+    raise InputError(f"{root} needs about {need / GIB:.1f} GiB of memory for its weights; "
+                     f"{available / GIB:.1f} GiB is available{hint}")

@@ -133,6 +133,10 @@ class LoopBuffers:
         for name, value in feeds.items():
             self.memory.write(current[name], value.astype(dtypes[name], copy=False))
 
+    def forget(self, expert: str) -> None:
+        """Drop the bindings of ``expert`` (its engine is being released or replaced)."""
+        self._bindings = {key: b for key, b in self._bindings.items() if key[0] != expert}
+
     def binding(self, expert: str, engine: Engine, parity: int) -> Any:
         """The engine binding that reads buffers ``parity`` and writes ``1 - parity``."""
         key = (expert, parity)
@@ -166,12 +170,13 @@ def step_tables(
 
 
 def enqueue_steps(
-    engines: Sequence[Engine], names: Sequence[str], buffers: LoopBuffers, segments: Sequence[Segment],
-    has_noise: bool, on_step: Callable[[int], None] | None = None,
+    engines: Sequence[Engine] | Mapping[int, Engine], names: Sequence[str], buffers: LoopBuffers,
+    segments: Sequence[Segment], has_noise: bool, on_step: Callable[[int], None] | None = None, parity: int = 0,
 ) -> tuple[int, list[tuple[str, Any, Any]]]:
-    """Issue every step; returns the parity holding the result and (expert, start, end) marks.
+    """Issue every step of ``segments``, starting from buffers ``parity``; returns the parity
+    holding the result and (expert, start, end) marks. ``engines[k]`` runs expert ``k``.
     ``on_step(i)`` is called after step ``i`` is issued (on a GPU: enqueued, not finished)."""
-    memory, parity, marks = buffers.memory, 0, []
+    memory, marks = buffers.memory, []
     for segment in segments:
         engine, name = engines[segment.expert], names[segment.expert]
         bound = [buffers.binding(name, engine, 0), buffers.binding(name, engine, 1)]
@@ -224,18 +229,34 @@ def denoise(
         kinds = ", ".join(f"{engine.name} ({engine.backend or type(engine).__name__})" for engine in engines)
         raise EngineError(f"cannot capture the denoising loop: it needs device memory and engines that allow "
                           f"capture by the caller; got {type(buffers.memory).__name__} and {kinds}")
-    memory = buffers.memory
+    has_noise = start_loop(buffers, initial, scalars, segments, rng)
+    if capture:
+        parity, marks = _replay_or_capture(engines, names, buffers, segments, has_noise)
+    else:
+        parity, marks = enqueue_steps(engines, names, buffers, segments, has_noise, on_step)
+    return finish_loop(buffers, parity, marks, timings)
+
+
+def start_loop(
+    buffers: LoopBuffers, initial: np.ndarray, scalars: np.ndarray, segments: Sequence[Segment],
+    rng: np.random.Generator,
+) -> bool:
+    """Write the step tables and the initial latents (parity 0); returns whether steps add noise."""
     table, noise = step_tables(scalars, segments, buffers.shape, rng)
     buffers.table("scalars", table)
     if noise is not None:
         buffers.table("noise", noise)
-    memory.write(buffers.samples[0], initial)
-    memory.write(buffers.denoised[0], np.zeros(buffers.shape, np.float32))
-    if capture:
-        parity, marks = _replay_or_capture(engines, names, buffers, segments, noise is not None)
-    else:
-        parity, marks = enqueue_steps(engines, names, buffers, segments, noise is not None, on_step)
-    final = memory.read(buffers.samples[parity])  # synchronises a device stream
+    buffers.memory.write(buffers.samples[0], initial)
+    buffers.memory.write(buffers.denoised[0], np.zeros(buffers.shape, np.float32))
+    return noise is not None
+
+
+def finish_loop(buffers: LoopBuffers, parity: int, marks: Sequence[tuple[str, Any, Any]],
+                timings: dict[str, float]) -> np.ndarray:
+    """The final latents as a host array (synchronises a device stream); adds each expert's
+    seconds to ``timings`` under ``expert:<name>``."""
+    memory = buffers.memory
+    final = memory.read(buffers.samples[parity])
     for name, start, end in marks:
         key = f"expert:{name}"
         timings[key] = timings.get(key, 0.0) + memory.seconds(start, end)

@@ -8,7 +8,9 @@ the components run one after another and never at once.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +23,69 @@ from .package import Manifest
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class OpenEngines:
-    """The engines of a package by component name, with their shared GPU resources."""
+    """The engines of a package by component name, with their shared GPU resources.
 
-    backend: str
-    engines: dict[str, Engine]
-    stream: Any = None
-    scratch: Any = None
+    ``resident`` (the default memory mode): every engine is opened at load and stays open.
+    Otherwise (``memory="low"``) engines are opened when :meth:`using` asks for them and
+    released when the block ends, so only the component that is working holds memory.
+    """
+
+    def __init__(self, backend: str, paths: dict[str, Path], options: dict[str, dict[str, Any]],
+                 stream: Any = None, resident: bool = True) -> None:
+        self.backend = backend
+        self.paths = paths
+        self.options = options
+        self.stream = stream
+        self.resident = resident
+        self.engines: dict[str, Engine] = {}  # the engines open now
+        self.scratch: Any = None
+        self.load_seconds = 0.0  # spent opening engines since the last reset (low memory: per call)
+        self.watchers: list[Callable[[str, Engine], None]] = []  # called with every engine opened
+
+    @classmethod
+    def of(cls, backend: str, engines: dict[str, Engine], stream: Any = None) -> OpenEngines:
+        """Engines opened elsewhere (resident), e.g. by tests or tools."""
+        paths = {name: getattr(engine, "path", None) for name, engine in engines.items()}
+        opened = cls(backend, paths, {name: {} for name in engines}, stream)
+        opened.engines.update(engines)
+        return opened
 
     @property
     def device(self) -> str:
-        return next(iter(self.engines.values())).device if self.engines else "cpu"
+        return "cpu" if self.backend == "ort-cpu" else "cuda"
+
+    def get(self, name: str) -> Engine:
+        """The engine of component ``name``, opened now if it is not open."""
+        if name not in self.engines:
+            log.debug("opening %s", name)
+            started = time.perf_counter()
+            self.engines[name] = _activate(self.backend, self.paths[name], name, self.options[name])
+            self.load_seconds += time.perf_counter() - started
+            for watch in self.watchers:
+                watch(name, self.engines[name])
+        return self.engines[name]
+
+    def release(self, name: str) -> None:
+        """Close one engine (its memory is freed once nothing else refers to it)."""
+        engine = self.engines.pop(name, None)
+        if engine is not None:
+            log.debug("releasing %s", name)
+            engine.release()
+
+    @contextmanager
+    def using(self, name: str) -> Iterator[Engine]:
+        """The engine for the length of a block; released after it unless engines are resident."""
+        engine = self.get(name)
+        try:
+            yield engine
+        finally:
+            if not self.resident:
+                self.release(name)
 
     def close(self) -> None:
-        for engine in self.engines.values():
-            engine.release()
-        self.engines.clear()
+        for name in list(self.engines):
+            self.release(name)
         for resource in (self.scratch, self.stream):
             if resource is not None:
                 resource.free() if hasattr(resource, "free") else resource.destroy()
@@ -73,28 +121,34 @@ def _system_info() -> Any:
 
 
 def open_engines(
-    root: Path, manifest: Manifest, backend: str, threads: int | None = None, cuda_graphs: bool = True
+    root: Path, manifest: Manifest, backend: str, threads: int | None = None, cuda_graphs: bool = True,
+    resident: bool = True,
 ) -> OpenEngines:
-    """Create and activate one engine per component; on failure release what was opened."""
-    opened = OpenEngines(backend, {})
+    """Resolve every component's file on ``backend`` (stale engines are refused here) and, when
+    ``resident``, create and activate one engine per component; on failure release what was opened."""
     options: dict[str, Any] = {}
-    try:
-        if backend == "ort-cpu":
-            options = {"threads": threads} if threads else {}
-        else:
-            from artrt.engines.cuda import Stream
+    stream = None
+    if backend == "ort-cpu":
+        options = {"threads": threads} if threads else {}
+    else:
+        from artrt.engines.cuda import Stream
 
-            opened.stream = Stream()
-            options = {"stream": opened.stream}
+        stream = Stream()
+        options = {"stream": stream}
+    opened = OpenEngines(backend, {}, {}, stream, resident)
+    try:
         system = _system_info() if backend == "trt" else None
         for name, comp in manifest.components.items():
-            path = component_file(root, manifest, name, backend, system=system)
+            opened.paths[name] = component_file(root, manifest, name, backend, system=system)
             own = dict(options)
             if backend == "ort-cuda":  # graphs pay off only in the loop, and need every node on the GPU
                 own["cuda_graph"] = cuda_graphs and comp.kind == "fused_step"
-            opened.engines[name] = _activate(backend, path, name, own)
-        if backend == "trt":
-            _share_scratch(opened)
+            opened.options[name] = own
+        if resident:
+            for name in manifest.components:
+                opened.get(name)
+            if backend == "trt":
+                _share_scratch(opened)
     except BaseException:
         opened.close()
         raise

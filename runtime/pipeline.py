@@ -17,9 +17,10 @@ from artrt.engines import Engine
 from artrt.engines.ort import max_threads
 from artrt.errors import EngineError, InputError
 
-from .arguments import GenerationArguments, check_backend, check_int
+from .arguments import GenerationArguments, check_backend, check_int, check_memory_mode
+from .budget import check_load_fits
 from .conditioning import EncodedText, build_conditioning
-from .denoise import LoopBuffers, can_capture, denoise
+from .denoise import LoopBuffers, can_capture, denoise, enqueue_steps, finish_loop, start_loop
 from .engine_records import check_profiles, find_record
 from .experts import history_resets, plan_experts
 from .images import save_png, to_pil
@@ -28,6 +29,7 @@ from .package import Manifest, package_root, read_manifest, resolve
 from .samplers import plan_steps
 from .schedules import ScheduleConfig
 from .text import PromptTokenizer
+from .tiles import decode_tiled
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +61,14 @@ class Pipeline:
     after another (each gets exactly the images it would get alone).
     """
 
-    def __init__(self, root: Path, manifest: Manifest, opened: OpenEngines, cuda_graphs: bool = True) -> None:
+    def __init__(self, root: Path, manifest: Manifest, opened: OpenEngines, cuda_graphs: bool = True,
+                 vae_tile: int | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.backend = opened.backend
         self.cuda_graphs = cuda_graphs
+        self.memory = "default" if opened.resident else "low"
+        self.vae_tile = vae_tile
         self.schedule = ScheduleConfig.from_diffusers(manifest.schedule)
         self.tokenizers = {
             name: PromptTokenizer(resolve(root, info.file), info) for name, info in manifest.tokenizers.items()
@@ -77,13 +82,21 @@ class Pipeline:
     @classmethod
     def load(
         cls, path: str | Path, backend: str = "auto", threads: int | None = None, verify_hashes: bool = True,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = True, memory: str = "default", vae_tile: int | None = None,
     ) -> Pipeline:
         """Validate the package at ``path`` and load every component on ``backend``
         (``auto``: TensorRT when the package has engines for it, else ONNX Runtime CUDA, else CPU).
         ``threads``: CPU threads per engine (default one per core).
-        ``cuda_graphs=False`` runs GPU steps without graph capture (for comparison)."""
+        ``cuda_graphs=False`` runs GPU steps without graph capture (for comparison).
+        ``memory="low"``: load nothing up front; each stage loads the component it runs and
+        releases it after (text encoders, then each expert in turn, then the decoder), for the
+        same images at a fraction of the resident memory and a load per stage.
+        ``vae_tile``: decode in overlapping tiles of this many pixels (bounds the decoder's memory
+        on large images; see :func:`artrt.runtime.tiles.decode_tiled`)."""
         check_backend(backend)
+        check_memory_mode(memory)
+        if vae_tile is not None:
+            vae_tile = check_int("vae_tile", vae_tile, 64)
         if threads is not None:
             threads = check_int("threads", threads, 1, max_threads())
         if not isinstance(cuda_graphs, bool):
@@ -92,9 +105,10 @@ class Pipeline:
         manifest = read_manifest(root, verify_hashes=verify_hashes)
         backend = choose_backend(backend, manifest)
         log.info("loading %s (%s) on %s", root, manifest.family, backend)
-        opened = open_engines(root, manifest, backend, threads, cuda_graphs)
+        check_load_fits(root, manifest, backend, memory)
+        opened = open_engines(root, manifest, backend, threads, cuda_graphs, resident=memory == "default")
         try:
-            return cls(root, manifest, opened, cuda_graphs)
+            return cls(root, manifest, opened, cuda_graphs, vae_tile)
         except BaseException:
             opened.close()
             raise
@@ -108,6 +122,13 @@ class Pipeline:
     def stream(self) -> Any:
         """The CUDA stream every engine runs on (None on the CPU)."""
         return self._opened.stream
+
+    def watch_engines(self, callback: Callable[[str, Engine], None]) -> None:
+        """Call ``callback(component, engine)`` for every engine open now and every one opened later
+        (with ``memory="low"`` engines are opened per stage); used by ``artrt bench`` to time them."""
+        for name, engine in self._opened.engines.items():
+            callback(name, engine)
+        self._opened.watchers.append(callback)
 
     def close(self) -> None:
         """Release the engines and buffers (waits for a running call); later calls raise InputError."""
@@ -163,8 +184,11 @@ class Pipeline:
         with self._lock:
             if self._closed:
                 raise InputError("this Pipeline is closed; load the package again")
+            self._opened.load_seconds = 0.0
             final = self._denoise(args, ids, initial, rng, timings)
             images = self._decode(final, timings)
+            if not self._opened.resident:
+                timings["load"] = self._opened.load_seconds  # included in the stages' own seconds
         timings["total"] = time.perf_counter() - started
         return GenerationResult(images, timings, args.record(self.manifest))
 
@@ -177,14 +201,31 @@ class Pipeline:
             plan = plan_steps(self.schedule, args.sampler, args.steps, history_resets(segments))
         buffers = self._loop_buffers(initial.shape)
         experts = self.manifest.experts
-        engines = [self.engines[e.component] for e in experts]
-        for expert, engine in zip(experts, engines):
-            feeds = build_conditioning(expert.conditioning, encoded, not args.negative_prompt, args.num_images,
-                                       args.height, args.width)
-            buffers.set_conditioning(expert.name, engine, feeds)
-        capture = self.cuda_graphs and can_capture(engines, buffers)  # ORT captures its own graphs; CPU has none
-        final = denoise(engines, [e.name for e in experts], buffers, initial * np.float32(plan.init_noise_sigma),
-                        plan.scalars, segments, rng, timings, capture=capture, on_step=step_progress(args.steps))
+        feeds = [build_conditioning(e.conditioning, encoded, not args.negative_prompt, args.num_images, args.height,
+                                    args.width) for e in experts]
+        names = [e.name for e in experts]
+        initial = initial * np.float32(plan.init_noise_sigma)
+        on_step = step_progress(args.steps)
+        if self._opened.resident:
+            engines = [self._opened.get(e.component) for e in experts]
+            for name, engine, feed in zip(names, engines, feeds):
+                buffers.set_conditioning(name, engine, feed)
+            capture = self.cuda_graphs and can_capture(engines, buffers)  # ORT captures its own; CPU has none
+            final = denoise(engines, names, buffers, initial, plan.scalars, segments, rng, timings, capture=capture,
+                            on_step=on_step)
+        else:  # one expert resident at a time: load it at its first step, release it after its last
+            has_noise = start_loop(buffers, initial, plan.scalars, segments, rng)
+            parity, marks = 0, []
+            for segment in segments:
+                expert = experts[segment.expert]
+                with self._opened.using(expert.component) as engine:
+                    buffers.set_conditioning(expert.name, engine, feeds[segment.expert])
+                    parity, segment_marks = enqueue_steps({segment.expert: engine}, names, buffers, [segment],
+                                                          has_noise, on_step, parity)
+                    marks += segment_marks
+                    buffers.memory.read(buffers.samples[parity])  # the engine finished before it is released
+                    buffers.forget(expert.name)
+            final = finish_loop(buffers, parity, marks, timings)
         self._check_finite(final, "the final latents", [e.component for e in experts])
         return final
 
@@ -194,7 +235,8 @@ class Pipeline:
             if comp.kind != "text_encoder":
                 continue
             started = time.perf_counter()
-            out = self.engines[name].run({"input_ids": ids[comp.tokenizer]})
+            with self._opened.using(name) as engine:
+                out = engine.run({"input_ids": ids[comp.tokenizer]})
             encoded[name] = EncodedText(out["hidden_states"], out.get("pooled"))
             timings[name] = time.perf_counter() - started
         return encoded
@@ -204,7 +246,12 @@ class Pipeline:
         if self.manifest.decoder is None:
             images = to_pil(latents, pixel_space=True)
         else:
-            pixels = self.engines[self.manifest.decoder].run({"latents": latents})["image"]
+            with self._opened.using(self.manifest.decoder) as engine:
+                if self.vae_tile is None:
+                    pixels = engine.run({"latents": latents})["image"]
+                else:
+                    pixels = decode_tiled(lambda z: engine.run({"latents": z})["image"], latents,
+                                          self.vae_tile // self.manifest.latent_scale, self.manifest.latent_scale)
             self._check_finite(pixels, "the decoded image", [self.manifest.decoder])
             images = to_pil(pixels)
         timings["decode"] = time.perf_counter() - started

@@ -108,7 +108,7 @@ def test_fit_recovers_known_coefficients():
 
 
 def test_engine_timer_wraps_and_restores(sdxl_pipe):
-    timer = EngineTimer(sdxl_pipe.engines)
+    timer = EngineTimer(sdxl_pipe)
     try:
         sdxl_pipe.generate("a", steps=3, height=16, width=16)
         calls = timer.take()

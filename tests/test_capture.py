@@ -394,7 +394,7 @@ def test_engines_share_one_scratch_block_sized_to_the_largest(monkeypatch):
 
     monkeypatch.setattr(cuda.DeviceArray, "empty", staticmethod(empty))
     users = {"a": ScratchUser(4096), "b": ScratchUser(1 << 20), "c": ScratchUser(0)}
-    opened = OpenEngines("trt", users)  # type: ignore[arg-type]
+    opened = OpenEngines.of("trt", users)  # type: ignore[arg-type]
     _share_scratch(opened)
     assert len(allocated) == 1 and opened.scratch is allocated[0] and opened.scratch.nbytes == 1 << 20
     assert all(user.scratch is opened.scratch for user in users.values())

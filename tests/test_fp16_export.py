@@ -81,7 +81,7 @@ def test_fp16_graphs_end_to_end_psnr(same_arch_package, sampler):
     root, m = same_arch_package, read_manifest(same_arch_package)
     half = {n: OrtCpuEngine(root / source_onnx(m, n), name=n, threads=1).activate() for n in m.components}
     args = dict(steps=10, seed=5, sampler=sampler, num_images=2)
-    fp16 = Pipeline(root, m, OpenEngines("ort-cpu", half))
+    fp16 = Pipeline(root, m, OpenEngines.of("ort-cpu", half))
     with Pipeline.load(root, backend="ort-cpu", threads=1) as fp32, fp16:
         for a, b in zip(fp32.generate("a red boat", **args).images, fp16.generate("a red boat", **args).images):
             assert psnr(np.asarray(a), np.asarray(b)) >= 30.0

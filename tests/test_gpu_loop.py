@@ -194,7 +194,7 @@ def test_engines_share_one_real_scratch_block_sized_to_the_largest():
     from artrt.runtime.loading import OpenEngines, _share_scratch
 
     users = {"text_encoder": ScratchUser(1 << 16), "composition": ScratchUser(3 << 20), "detail": ScratchUser(1 << 20)}
-    opened = OpenEngines("trt", users)  # type: ignore[arg-type]
+    opened = OpenEngines.of("trt", users)  # type: ignore[arg-type]
     _share_scratch(opened)
     block = opened.scratch
     try:

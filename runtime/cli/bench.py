@@ -31,6 +31,7 @@ from artrt.errors import ArtrtError, InputError
 from artrt.runtime.arguments import check_backend, check_steps
 
 from .bench_report import busy_cpu_seconds, fit_line, format_table, machine_info, other_cores, summarize, write_json
+from .options import add_memory_options
 
 log = logging.getLogger("artrt.runtime.cli.bench")  # also when run as __main__
 PROMPT = "a lighthouse at dusk"
@@ -50,6 +51,8 @@ class BenchConfig:
     fit: bool = True
     fit_runs: int = 2
     verify: bool = True
+    memory: str = "default"
+    vae_tile: int | None = None
 
 
 class EngineTimer:
@@ -58,13 +61,16 @@ class EngineTimer:
     Wraps the instances' ``_run`` and ``_run_bound`` (shadowing the class methods);
     :meth:`restore` removes the wrappers."""
 
-    def __init__(self, engines: Mapping[str, Any]) -> None:
+    def __init__(self, pipe: Any) -> None:
         self.calls: list[tuple[str, float, float]] = []
         self._patched: list[tuple[Any, str]] = []
-        for name, engine in engines.items():
-            for attr in ("_run", "_run_bound"):
-                setattr(engine, attr, self._wrap(name, getattr(engine, attr)))
-                self._patched.append((engine, attr))
+        pipe.watch_engines(self.add)
+
+    def add(self, name: str, engine: Any) -> None:
+        """Time ``engine`` (component ``name``) from now on."""
+        for attr in ("_run", "_run_bound"):
+            setattr(engine, attr, self._wrap(name, getattr(engine, attr)))
+            self._patched.append((engine, attr))
 
     def _wrap(self, name: str, call: Any) -> Any:
         calls, clock = self.calls, time.perf_counter
@@ -190,9 +196,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         raise InputError("--runs and --batch must be >= 1 and --warmup >= 0")
     before, cpu = peak_rss_mib(), busy_cpu_seconds()
     started = time.perf_counter()
-    pipe = Pipeline.load(cfg.model, backend=cfg.backend, threads=cfg.threads, verify_hashes=cfg.verify)
+    pipe = Pipeline.load(cfg.model, backend=cfg.backend, threads=cfg.threads, verify_hashes=cfg.verify,
+                         memory=cfg.memory, vae_tile=cfg.vae_tile)
     load_s = time.perf_counter() - started
-    timer = EngineTimer(pipe.engines)
+    timer = EngineTimer(pipe)
     try:
         d = pipe.manifest.defaults
         h, w = cfg.height or d.height, cfg.width or d.width
@@ -260,6 +267,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fit", action="store_true", help="skip the steps and size sweeps")
     p.add_argument("--fit-runs", type=int, default=2, help="runs per point of the sweeps (default 2)")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the package files")
+    add_memory_options(p)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -273,7 +281,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> None:
     height, width = args.size or (None, None)
     cfg = BenchConfig(args.model, args.backend, args.steps, height, width, tuple(args.batch), args.runs, args.warmup,
-                      args.threads, not args.no_fit, args.fit_runs, not args.no_verify)
+                      args.threads, not args.no_fit, args.fit_runs, not args.no_verify, args.memory, args.vae_tiles)
     report = run_bench(cfg)
     if args.json:
         log.info("wrote %s", write_json(report, args.json))

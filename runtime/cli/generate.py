@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> None:
         args.height, args.width, args.num_images,
     ).check_memory(manifest)
     with Pipeline.load(args.model, backend=args.backend, threads=args.threads,
-                       verify_hashes=not args.no_verify) as pipe:
+                       verify_hashes=not args.no_verify,
+                       memory=args.memory, vae_tile=args.vae_tiles) as pipe:
         result = pipe.generate(
             args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=guidance,
             switch=args.switch, sampler=args.sampler, seed=args.seed, height=args.height,

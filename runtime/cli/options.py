@@ -35,6 +35,16 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    "and a GPU is present, else ort-cuda, else ort-cpu), trt, ort-cuda or ort-cpu")
     p.add_argument("--threads", type=int, help="CPU threads per engine (default: one per core)")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the package files")
+    add_memory_options(p)
+
+
+def add_memory_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", choices=("default", "low"), default="default",
+                   help="default: every component resident (fastest); low: each stage loads the component it "
+                   "runs and releases it after (text encoders, each expert, the decoder): same images, a fraction "
+                   "of the memory, a load per stage")
+    p.add_argument("--vae-tiles", type=int, metavar="PX", help="decode in overlapping tiles of PX pixels (bounds "
+                   "the decoder's memory on large images; slightly different pixels, see docs/requests.md)")
 
 
 def check_output(path: Path) -> None:

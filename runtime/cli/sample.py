@@ -56,4 +56,5 @@ def run(args: argparse.Namespace) -> None:
     run_sample(SampleConfig(
         args.prompts, args.model, args.out, options, batch=args.batch, overwrite=args.overwrite, strict=args.strict,
         backend=args.backend, threads=args.threads, verify=not args.no_verify, ray=args.ray, actors=args.actors,
+        memory=args.memory, vae_tile=args.vae_tiles,
     ))

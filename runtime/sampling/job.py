@@ -116,7 +116,8 @@ def _local_results(cfg: SampleConfig, batches: Sequence[list[ImageTask]]) -> Ite
         return
     from artrt.runtime.pipeline import Pipeline
 
-    with Pipeline.load(cfg.model, backend=cfg.backend, threads=cfg.threads, verify_hashes=False) as pipe:
+    with Pipeline.load(cfg.model, backend=cfg.backend, threads=cfg.threads, verify_hashes=False, memory=cfg.memory,
+                       vae_tile=cfg.vae_tile) as pipe:
         device = describe_device(pipe)
         for batch in batches:
             yield from make_batch(pipe, batch, device)

@@ -30,12 +30,14 @@ class BatchMaker:
 
     COLUMNS = ("id", "png", "sha256", "timings", "batch_size", "backend", "device", "error", "fatal")
 
-    def __init__(self, model: str, backend: str, threads: int | None, verify: bool) -> None:
+    def __init__(self, model: str, backend: str, threads: int | None, verify: bool, memory: str = "default",
+                 vae_tile: int | None = None) -> None:
         from artrt.runtime.pipeline import Pipeline
 
         self.pipe, self.load_error = None, ""
         try:
-            self.pipe = Pipeline.load(model, backend=backend, threads=threads, verify_hashes=verify)
+            self.pipe = Pipeline.load(model, backend=backend, threads=threads, verify_hashes=verify, memory=memory,
+                                      vae_tile=vae_tile)
             self.device = describe_device(self.pipe)
         except ArtrtError as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -102,7 +104,7 @@ def _run(cfg: SampleConfig, batches: Sequence[list[ImageTask]], info: dict[str, 
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         BatchMaker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model": str(cfg.model.resolve()), "backend": cfg.backend, "threads": threads,
-                               "verify": cfg.verify},
+                               "verify": cfg.verify, "memory": cfg.memory, "vae_tile": cfg.vae_tile},
         **resources,
     )
     try:

@@ -73,6 +73,8 @@ class SampleConfig:
     verify: bool = True
     ray: str | None = None  # a Ray address, "auto" or "local"; None runs here
     actors: int | None = None  # Ray actors (default: one per GPU, else one per --threads CPUs)
+    memory: str = "default"  # Pipeline.load's memory mode
+    vae_tile: int | None = None  # Pipeline.load's tiled decode
 
 
 
