@@ -243,24 +243,40 @@ def start_loop(
 ) -> bool:
     """Write the step tables and the initial latents (parity 0); returns whether steps add noise."""
     table, noise = step_tables(scalars, segments, buffers.shape, rng)
+    load_state(buffers, table, noise, initial, np.zeros(buffers.shape, np.float32))
+    return noise is not None
+
+
+def load_state(buffers: LoopBuffers, table: np.ndarray, noise: np.ndarray | None, sample: np.ndarray,
+               denoised: np.ndarray) -> None:
+    """Write a loop's tables and its current latents and denoised estimate into parity 0 (to start
+    it, or to resume it where :func:`read_state` left it)."""
     buffers.table("scalars", table)
     if noise is not None:
         buffers.table("noise", noise)
-    buffers.memory.write(buffers.samples[0], initial)
-    buffers.memory.write(buffers.denoised[0], np.zeros(buffers.shape, np.float32))
-    return noise is not None
+    buffers.memory.write(buffers.samples[0], sample)
+    buffers.memory.write(buffers.denoised[0], denoised)
+
+
+def read_state(buffers: LoopBuffers, parity: int) -> tuple[np.ndarray, np.ndarray]:
+    """The latents and denoised estimate held at ``parity`` (host copies; synchronises)."""
+    return buffers.memory.read(buffers.samples[parity]), buffers.memory.read(buffers.denoised[parity])
 
 
 def finish_loop(buffers: LoopBuffers, parity: int, marks: Sequence[tuple[str, Any, Any]],
                 timings: dict[str, float]) -> np.ndarray:
     """The final latents as a host array (synchronises a device stream); adds each expert's
     seconds to ``timings`` under ``expert:<name>``."""
-    memory = buffers.memory
-    final = memory.read(buffers.samples[parity])
+    final = buffers.memory.read(buffers.samples[parity])
+    add_timings(buffers, marks, timings)
+    return final
+
+
+def add_timings(buffers: LoopBuffers, marks: Sequence[tuple[str, Any, Any]], timings: dict[str, float]) -> None:
+    """Add each mark's seconds to ``timings`` under ``expert:<name>`` (after the stream synchronised)."""
     for name, start, end in marks:
         key = f"expert:{name}"
-        timings[key] = timings.get(key, 0.0) + memory.seconds(start, end)
-    return final
+        timings[key] = timings.get(key, 0.0) + buffers.memory.seconds(start, end)
 
 
 def _replay_or_capture(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,18 @@ from artrt.errors import EngineError, InputError
 from .arguments import GenerationArguments, check_backend, check_int, check_memory_mode
 from .budget import check_load_fits
 from .conditioning import EncodedText, build_conditioning
-from .denoise import LoopBuffers, can_capture, denoise, enqueue_steps, finish_loop, start_loop
+from .denoise import (
+    LoopBuffers,
+    add_timings,
+    can_capture,
+    denoise,
+    enqueue_steps,
+    load_state,
+    read_state,
+    step_tables,
+)
 from .engine_records import check_profiles, find_record
-from .experts import history_resets, plan_experts
+from .experts import Segment, history_resets, plan_experts
 from .images import save_png, to_pil
 from .loading import OpenEngines, choose_backend, open_engines
 from .package import Manifest, package_root, read_manifest, resolve
@@ -50,6 +59,25 @@ class GenerationResult:
             save_png(image, p, {**self.parameters, "index": k})
             for k, (image, p) in enumerate(zip(self.images, paths))
         ]
+
+
+@dataclass
+class _Request:
+    """One generate() call on its way through the pipeline."""
+
+    args: GenerationArguments
+    rng: np.random.Generator
+    initial: np.ndarray  # unit-variance noise
+    ids: dict[str, np.ndarray]  # token ids per tokenizer
+    timings: dict[str, float]
+    started: float
+    encoded: dict[str, EncodedText] = field(default_factory=dict)
+    segments: list[Segment] = field(default_factory=list)
+    scalars: np.ndarray | None = None
+    feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+    sample: np.ndarray | None = None  # scaled initial latents, then the loop's current latents
+    denoised: np.ndarray | None = None  # low memory: the denoised estimate between phases
+    tables: tuple[np.ndarray, np.ndarray | None] | None = None  # low memory: step scalars and noise
 
 
 class Pipeline:
@@ -167,6 +195,24 @@ class Pipeline:
         ``numpy.random.default_rng(seed)``. Bad arguments and requests that would not fit in memory
         raise :class:`InputError` before any work.
         """
+        request = self._prepare(prompt, negative_prompt, steps, guidance, switch, sampler, seed, height, width,
+                                num_images, latents)
+        return self._run([request])[0]
+
+    def generate_many(self, requests: Sequence[Mapping[str, Any]]) -> list[GenerationResult]:
+        """Run several :meth:`generate` calls (each a dict of its keyword arguments) and return their
+        results, each equal to its own call. Every request is checked before any runs. With
+        ``memory="low"`` they run phase by phase: each text encoder, each expert and the decoder is
+        loaded once for all of them (offline sampling's phase batching)."""
+        prepared = [self._prepare(**request) for request in requests]
+        return self._run(prepared) if prepared else []
+
+    def _prepare(
+        self, prompt: Any, negative_prompt: Any = None, steps: Any = None, guidance: Any = None, switch: Any = None,
+        sampler: Any = None, seed: Any = 0, height: Any = None, width: Any = None, num_images: Any = 1,
+        latents: Any = None,
+    ) -> _Request:
+        """Check one request and draw its noise (no engine runs)."""
         started = time.perf_counter()
         args = GenerationArguments.check(
             self.manifest, prompt, negative_prompt, steps, guidance, switch, sampler, seed, height, width,
@@ -174,87 +220,111 @@ class Pipeline:
         )
         args.check_memory(self.manifest)
         check_profiles(self.root, self.manifest, self.backend, args.num_images, args.height, args.width)
-        shape = args.latent_shape(self.manifest)
         rng = np.random.default_rng(args.seed)  # initial noise, then (ancestral samplers) step noise
-        initial = _initial_latents(latents, shape, rng)
-        timings: dict[str, float] = {}
+        initial = _initial_latents(latents, args.latent_shape(self.manifest), rng)
         tick = time.perf_counter()
         ids = {name: tok([args.negative_prompt, args.prompt]) for name, tok in self.tokenizers.items()}
-        timings["tokenize"] = time.perf_counter() - tick
+        return _Request(args, rng, initial, ids, {"tokenize": time.perf_counter() - tick}, started)
+
+    def _run(self, requests: list[_Request]) -> list[GenerationResult]:
         with self._lock:
             if self._closed:
                 raise InputError("this Pipeline is closed; load the package again")
             self._opened.load_seconds = 0.0
-            final = self._denoise(args, ids, initial, rng, timings)
-            images = self._decode(final, timings)
+            self._encode(requests)
+            for r in requests:
+                self._plan(r)
+            if self._opened.resident:
+                for r in requests:
+                    r.sample = self._denoise_resident(r)
+            else:
+                self._denoise_by_phase(requests)
+            for r in requests:
+                self._check_finite(r.sample, "the final latents", [e.component for e in self.manifest.experts])
+            images = self._decode(requests)
+            load = self._opened.load_seconds
+        results = []
+        for r, batch in zip(requests, images):
             if not self._opened.resident:
-                timings["load"] = self._opened.load_seconds  # included in the stages' own seconds
-        timings["total"] = time.perf_counter() - started
-        return GenerationResult(images, timings, args.record(self.manifest))
+                r.timings["load"] = load  # of the whole call, included in the stages' own seconds
+            r.timings["total"] = time.perf_counter() - r.started
+            results.append(GenerationResult(batch, r.timings, r.args.record(self.manifest)))
+        return results
 
-    def _denoise(self, args: GenerationArguments, ids: dict[str, np.ndarray], initial: np.ndarray,
-                 rng: np.random.Generator, timings: dict[str, float]) -> np.ndarray:
-        encoded = self._encode(ids, timings)
-        plan = plan_steps(self.schedule, args.sampler, args.steps)
-        segments = plan_experts(plan.timesteps, args.switch, self.schedule.num_train_timesteps, args.guidance)
-        if len(segments) > 1:
-            plan = plan_steps(self.schedule, args.sampler, args.steps, history_resets(segments))
-        buffers = self._loop_buffers(initial.shape)
-        experts = self.manifest.experts
-        feeds = [build_conditioning(e.conditioning, encoded, not args.negative_prompt, args.num_images, args.height,
-                                    args.width) for e in experts]
-        names = [e.name for e in experts]
-        initial = initial * np.float32(plan.init_noise_sigma)
-        on_step = step_progress(args.steps)
-        if self._opened.resident:
-            engines = [self._opened.get(e.component) for e in experts]
-            for name, engine, feed in zip(names, engines, feeds):
-                buffers.set_conditioning(name, engine, feed)
-            capture = self.cuda_graphs and can_capture(engines, buffers)  # ORT captures its own; CPU has none
-            final = denoise(engines, names, buffers, initial, plan.scalars, segments, rng, timings, capture=capture,
-                            on_step=on_step)
-        else:  # one expert resident at a time: load it at its first step, release it after its last
-            has_noise = start_loop(buffers, initial, plan.scalars, segments, rng)
-            parity, marks = 0, []
-            for segment in segments:
-                expert = experts[segment.expert]
-                with self._opened.using(expert.component) as engine:
-                    buffers.set_conditioning(expert.name, engine, feeds[segment.expert])
-                    parity, segment_marks = enqueue_steps({segment.expert: engine}, names, buffers, [segment],
-                                                          has_noise, on_step, parity)
-                    marks += segment_marks
-                    buffers.memory.read(buffers.samples[parity])  # the engine finished before it is released
-                    buffers.forget(expert.name)
-            final = finish_loop(buffers, parity, marks, timings)
-        self._check_finite(final, "the final latents", [e.component for e in experts])
-        return final
-
-    def _encode(self, ids: dict[str, np.ndarray], timings: dict[str, float]) -> dict[str, EncodedText]:
-        encoded = {}
+    def _encode(self, requests: list[_Request]) -> None:
         for name, comp in self.manifest.components.items():
             if comp.kind != "text_encoder":
                 continue
-            started = time.perf_counter()
             with self._opened.using(name) as engine:
-                out = engine.run({"input_ids": ids[comp.tokenizer]})
-            encoded[name] = EncodedText(out["hidden_states"], out.get("pooled"))
-            timings[name] = time.perf_counter() - started
-        return encoded
+                for r in requests:
+                    started = time.perf_counter()
+                    out = engine.run({"input_ids": r.ids[comp.tokenizer]})
+                    r.encoded[name] = EncodedText(out["hidden_states"], out.get("pooled"))
+                    r.timings[name] = time.perf_counter() - started
 
-    def _decode(self, latents: np.ndarray, timings: dict[str, float]) -> list[Image.Image]:
-        started = time.perf_counter()
+    def _plan(self, r: _Request) -> None:
+        """The request's step plan, expert segments, conditioning and step tables."""
+        args = r.args
+        plan = plan_steps(self.schedule, args.sampler, args.steps)
+        r.segments = plan_experts(plan.timesteps, args.switch, self.schedule.num_train_timesteps, args.guidance)
+        if len(r.segments) > 1:
+            plan = plan_steps(self.schedule, args.sampler, args.steps, history_resets(r.segments))
+        r.scalars = plan.scalars
+        r.feeds = [build_conditioning(e.conditioning, r.encoded, not args.negative_prompt, args.num_images,
+                                      args.height, args.width) for e in self.manifest.experts]
+        r.sample = r.initial * np.float32(plan.init_noise_sigma)
+
+    def _denoise_resident(self, r: _Request) -> np.ndarray:
+        """The whole loop on resident engines (captured into one CUDA graph where they allow it)."""
+        experts = self.manifest.experts
+        buffers = self._loop_buffers(r.sample.shape)
+        engines = [self._opened.get(e.component) for e in experts]
+        for expert, engine, feed in zip(experts, engines, r.feeds):
+            buffers.set_conditioning(expert.name, engine, feed)
+        capture = self.cuda_graphs and can_capture(engines, buffers)  # ORT captures its own graphs; CPU has none
+        return denoise(engines, [e.name for e in experts], buffers, r.sample, r.scalars, r.segments, r.rng,
+                       r.timings, capture=capture, on_step=step_progress(r.args.steps))
+
+    def _denoise_by_phase(self, requests: list[_Request]) -> None:
+        """Low memory: each expert is loaded at its first step, runs its steps of every request, and is
+        released before the next expert loads. A request's latents and denoised estimate wait on the
+        host between phases, so each request gets exactly the images of a whole-loop run."""
+        experts, names = self.manifest.experts, [e.name for e in self.manifest.experts]
+        for r in requests:
+            r.tables = step_tables(r.scalars, r.segments, r.sample.shape, r.rng)
+            r.denoised = np.zeros_like(r.sample)
+        for index, expert in enumerate(experts):
+            todo = [(r, [s for s in r.segments if s.expert == index]) for r in requests]
+            todo = [(r, segments) for r, segments in todo if segments]
+            if not todo:
+                continue
+            with self._opened.using(expert.component) as engine:
+                for r, segments in todo:
+                    buffers = self._loop_buffers(r.sample.shape)
+                    buffers.forget(expert.name)
+                    buffers.set_conditioning(expert.name, engine, r.feeds[index])
+                    load_state(buffers, *r.tables, r.sample, r.denoised)
+                    parity, marks = enqueue_steps({index: engine}, names, buffers, segments, r.tables[1] is not None,
+                                                  step_progress(r.args.steps))
+                    r.sample, r.denoised = read_state(buffers, parity)
+                    add_timings(buffers, marks, r.timings)
+                    buffers.forget(expert.name)
+
+    def _decode(self, requests: list[_Request]) -> list[list[Image.Image]]:
         if self.manifest.decoder is None:
-            images = to_pil(latents, pixel_space=True)
-        else:
-            with self._opened.using(self.manifest.decoder) as engine:
+            return [to_pil(r.sample, pixel_space=True) for r in requests]
+        images = []
+        with self._opened.using(self.manifest.decoder) as engine:
+            for r in requests:
+                started = time.perf_counter()
                 if self.vae_tile is None:
-                    pixels = engine.run({"latents": latents})["image"]
+                    pixels = engine.run({"latents": r.sample})["image"]
                 else:
-                    pixels = decode_tiled(lambda z: engine.run({"latents": z})["image"], latents,
+                    pixels = decode_tiled(lambda z: engine.run({"latents": z})["image"], r.sample,
                                           self.vae_tile // self.manifest.latent_scale, self.manifest.latent_scale)
-            self._check_finite(pixels, "the decoded image", [self.manifest.decoder])
-            images = to_pil(pixels)
-        timings["decode"] = time.perf_counter() - started
+                self._check_finite(pixels, "the decoded image", [self.manifest.decoder])
+                images.append(to_pil(pixels))
+                r.timings["decode"] = time.perf_counter() - started
         return images
 
     def _check_finite(self, array: np.ndarray, what: str, components: list[str]) -> None:

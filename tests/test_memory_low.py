@@ -132,3 +132,48 @@ def test_bench_times_engines_in_low_memory(capsys, sdxl_package, tmp_path):
     stages = json.loads((tmp_path / "b.json").read_text())["stages"]
     assert stages["load"]["p50"] > 0 and stages["floor"]["p50"] > 0  # engines opened per stage are timed too
     assert stages["step:composition"]["p50"] > 0 and stages["step:detail"]["p50"] > 0
+
+
+# -- phase batching --------------------------------------------------------------------------
+REQUESTS = [
+    dict(prompt="a lighthouse", steps=5, seed=1, switch=0.5),
+    dict(prompt="a red barn", steps=6, seed=2, switch=0.8, sampler="euler_a", num_images=2),
+    dict(prompt="fog", steps=4, seed=3, switch=1.0, sampler="dpmpp_2m", height=48, width=40),
+]
+
+
+def test_generate_many_equals_one_call_each(sdxl_pipe, low_pipe):
+    want = [_pixels(sdxl_pipe.generate(**r)) for r in REQUESTS]
+    for pipe in (sdxl_pipe, low_pipe):
+        got = pipe.generate_many(REQUESTS)
+        assert [out.parameters["seed"] for out in got] == [1, 2, 3]
+        for g, w in zip(got, want):
+            assert np.array_equal(_pixels(g), w)
+    assert low_pipe.generate_many([]) == []
+
+
+def test_low_memory_loads_each_component_once_for_many_requests(sdxl_package):
+    opened: list[str] = []
+    with Pipeline.load(sdxl_package, backend="ort-cpu", threads=1, memory="low") as pipe:
+        pipe.watch_engines(lambda name, engine: opened.append(name))
+        pipe.generate_many(REQUESTS)
+    assert opened == ["text_encoder", "text_encoder_2", "expert_composition", "expert_detail", "vae_decoder"]
+
+
+def test_generate_many_checks_every_request_first(low_pipe):
+    with pytest.raises(InputError, match="steps must be >= 1"):
+        low_pipe.generate_many([REQUESTS[0], {**REQUESTS[1], "steps": 0}])
+
+
+def test_sample_low_memory_makes_the_same_images(capsys, sdxl_package, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "a", "seed": 5}, {"prompt": "b", "n": 3}, {"prompt": "c", "sampler": "euler_a", "n": 2},
+        {"prompt": "d", "height": 48, "width": 40}]) + "\n")
+    hashes = {}
+    for memory in ("default", "low"):
+        out = tmp_path / memory
+        assert main(["sample", str(prompts), "--model", str(sdxl_package), "--out", str(out), "--steps", "3",
+                     "--batch", "2", "--memory", memory]) == 0, capsys.readouterr().err
+        hashes[memory] = {p.name: p.read_bytes() for p in sorted((out / "images").iterdir())}
+    assert len(hashes["low"]) == 7 and hashes["low"] == hashes["default"]

@@ -24,9 +24,20 @@ from artrt.runtime.package import Manifest, engine_files, read_manifest, sha256_
 
 from .output import OutputDir, Resumed
 from .prompt_files import BadLine, read_prompt_file
-from .tasks import ImageResult, ImageTask, SampleConfig, describe_device, make_batch, plan_batches, plan_tasks
+from .tasks import (
+    ImageResult,
+    ImageTask,
+    SampleConfig,
+    describe_device,
+    make_batch,
+    make_batches,
+    plan_batches,
+    plan_tasks,
+)
 
 log = logging.getLogger(__name__)
+
+PHASE_BATCHES = 16  # with --memory low: engine batches whose phases share one load of each expert
 
 
 @dataclass
@@ -119,8 +130,12 @@ def _local_results(cfg: SampleConfig, batches: Sequence[list[ImageTask]]) -> Ite
     with Pipeline.load(cfg.model, backend=cfg.backend, threads=cfg.threads, verify_hashes=False, memory=cfg.memory,
                        vae_tile=cfg.vae_tile) as pipe:
         device = describe_device(pipe)
-        for batch in batches:
-            yield from make_batch(pipe, batch, device)
+        if cfg.memory == "low":  # phase batching: each expert loaded once per group of batches
+            for start in range(0, len(batches), PHASE_BATCHES):
+                yield from make_batches(pipe, batches[start : start + PHASE_BATCHES], device)
+        else:
+            for batch in batches:
+                yield from make_batch(pipe, batch, device)
 
 
 def _ray_results(cfg: SampleConfig, batches: Sequence[list[ImageTask]], info: dict[str, Any]) -> Iterator[ImageResult]:

@@ -175,24 +175,47 @@ def initial_noise(manifest: Manifest, seed: int, n: int, height: int, width: int
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
-def make_batch(pipe: Pipeline, batch: Sequence[ImageTask], device: str) -> list[ImageResult]:
-    """Generate one batch and encode its PNGs; an :class:`ArtrtError` becomes a result per image."""
+def batch_request(pipe: Pipeline, batch: Sequence[ImageTask]) -> dict[str, Any]:
+    """The keyword arguments of the ``generate`` call that makes ``batch``."""
     p = batch[0].parameters
     kwargs = {f: p[f] for f in _BATCH_FIELDS}
+    if Sampler.parse(p["sampler"]).draws_noise:
+        assert [t.parameters["index"] for t in batch] == list(range(p["num_images"])), "a noisy batch is one item"
+        return {**kwargs, "seed": p["seed"], "num_images": p["num_images"]}
+    return {**kwargs, "seed": p["seed"], "num_images": len(batch), "latents": _stacked_noise(pipe, batch)}
+
+
+def make_batch(pipe: Pipeline, batch: Sequence[ImageTask], device: str) -> list[ImageResult]:
+    """Generate one batch and encode its PNGs; an :class:`ArtrtError` becomes a result per image."""
     try:
-        if Sampler.parse(p["sampler"]).draws_noise:
-            assert [t.parameters["index"] for t in batch] == list(range(p["num_images"])), "a noisy batch is one item"
-            out = pipe.generate(**kwargs, seed=p["seed"], num_images=p["num_images"])
-        else:
-            out = pipe.generate(**kwargs, seed=p["seed"], num_images=len(batch), latents=_stacked_noise(pipe, batch))
+        out = pipe.generate(**batch_request(pipe, batch))
     except (ArtrtError, MemoryError) as exc:  # the batch fails, the job goes on
-        error = f"{type(exc).__name__}: {exc}"
-        return [ImageResult(t, None, None, {}, len(batch), pipe.backend, device, error) for t in batch]
+        return failed(pipe, batch, device, exc)
+    return batch_results(pipe, batch, out, device)
+
+
+def make_batches(pipe: Pipeline, batches: Sequence[Sequence[ImageTask]], device: str) -> list[ImageResult]:
+    """Generate several batches in one :meth:`Pipeline.generate_many` call (phase by phase with
+    ``memory="low"``: each expert loaded once for all of them). If that call fails, each batch is
+    retried alone, so only the batches that fail on their own are marked failed."""
+    try:
+        outs = pipe.generate_many([batch_request(pipe, batch) for batch in batches])
+    except (ArtrtError, MemoryError):
+        return [result for batch in batches for result in make_batch(pipe, batch, device)]
+    return [result for batch, out in zip(batches, outs) for result in batch_results(pipe, batch, out, device)]
+
+
+def batch_results(pipe: Pipeline, batch: Sequence[ImageTask], out: Any, device: str) -> list[ImageResult]:
     started = time.perf_counter()
     pngs = [encode_png(image, task.parameters) for task, image in zip(batch, out.images)]
     timings = {**out.timings, "encode": time.perf_counter() - started}
     return [ImageResult(task, png, hashlib.sha256(png).hexdigest(), timings, len(batch), pipe.backend, device)
             for task, png in zip(batch, pngs)]
+
+
+def failed(pipe: Pipeline, batch: Sequence[ImageTask], device: str, exc: BaseException) -> list[ImageResult]:
+    error = f"{type(exc).__name__}: {exc}"
+    return [ImageResult(t, None, None, {}, len(batch), pipe.backend, device, error) for t in batch]
 
 
 def describe_device(pipe: Pipeline) -> str:
