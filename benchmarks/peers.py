@@ -53,7 +53,7 @@ class ArtrtPeer:
         from artrt.runtime.cli.bench import EngineTimer
 
         self.pipe = Pipeline.load(self.package(work), backend="ort-cpu", threads=threads)
-        self.timer = EngineTimer(self.pipe.engines)  # engine floor and host overhead of artrt's runs
+        self.timer = EngineTimer(self.pipe)  # engine floor and host overhead of artrt's runs
 
     def package(self, work: Path) -> Path:
         """The package to run, exported into ``work`` unless it is there already."""

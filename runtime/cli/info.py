@@ -17,12 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from artrt.runtime.package import read_manifest
+    from artrt.runtime.package import package_root, read_manifest
 
     m = read_manifest(args.model, verify_hashes=not args.no_verify)
     d = m.defaults
     lines = [
-        f"package   {args.model}  (family {m.family}, artrt {m.artrt_version})",
+        f"package   {package_root(args.model)}  (family {m.family}, artrt {m.artrt_version})",
         f"defaults  steps {d.steps}, guidance {d.guidance}, switch {d.switch}, sampler {d.sampler}, "
         f"size {d.width}x{d.height} (multiple of {m.size_multiple})",
         f"schedule  {m.schedule}",
