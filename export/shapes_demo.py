@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import artrt.demo
+from artrt.demo.weights_id import weights_digest
 from artrt.errors import ConfigError
-from artrt.runtime.package import Conditioning, Manifest
+from artrt.runtime.package import Conditioning, Manifest, read_manifest
 from artrt.runtime.schedules import ScheduleConfig
 
 from .sources import ExpertSource, ModelSources, TextEncoderSource
@@ -31,6 +32,15 @@ PATCH = 2  # space-to-depth factor of the UNet input
 MAX_TOKENS = 24  # captions of the shapes world fit in 20 MiniLM tokens
 EXPERTS = ("composition", "detail")
 TEXT_HEAD = "text_head"  # weights/text_head: the trained head on MiniLM's states (demo/text_head.py)
+SHIPPED = Path(artrt.demo.__file__).parent / "package"  # the lean package that artrt demo runs
+# The lean package's check against the fp32 export: every kind of the shapes world, two seeds, the defaults.
+CHECK_PROMPTS = (
+    "a red circle left of a blue square", "two striped blue triangles", "a hollow green square",
+    "a yellow triangle above a red circle", "three green circles", "an outlined blue circle",
+    "a green square right of a yellow triangle", "two red squares",
+)
+CHECK_SEEDS = (0, 1)
+MIN_PSNR_DB = 40.0
 
 UNET_CONFIG: dict[str, Any] = {
     "sample_size": IMAGE_SIZE // PATCH,
@@ -112,17 +122,79 @@ def load_demo_sources(weights: Path = WEIGHTS) -> ModelSources:
         for name in EXPERTS
     ]
     schedule = ScheduleConfig.from_diffusers(SCHEDULER_CONFIG)
-    info = {"model": "artrt shapes demo", "weights": str(weights), "training": card.get("training", {})}
+    info = {"model": "artrt shapes demo", "weights": "artrt.demo weights" if weights == WEIGHTS else str(weights),
+            "weights_sha256": weights_digest(weights), "training": card.get("training", {})}
     return ModelSources("same-arch", {encoder.name: encoder}, experts, None, schedule,
                         card["defaults"]["sampler"], 1, info)
 
 
-def export_demo(out: Path, weights: Path = WEIGHTS, overwrite: bool = False) -> Manifest:
-    """Export the demo package (fp32 graphs: it runs on the CPU) with the card's defaults."""
-    from .package_export import export_package
+def export_demo(out: Path, weights: Path = WEIGHTS, overwrite: bool = False, lean: bool = False) -> Manifest:
+    """Export the demo package (fp32 graphs: it runs on the CPU) with the card's defaults.
+
+    ``lean``: the form that ships in ``artrt/demo/package`` (:func:`artrt.export.lean_weights.lean_package`:
+    one graph per component, weights stored in fp16, compute in fp32), written after the fp32 export
+    and checked against it on :data:`CHECK_PROMPTS` x :data:`CHECK_SEEDS` at the defaults: refused
+    (:class:`ConfigError`) below :data:`MIN_PSNR_DB`; the result is recorded in ``source.lean.check``
+    (``min_psnr_db`` null: every image identical).
+    """
+    from .package_export import check_output_dir, export_package
 
     defaults = read_card(weights)["defaults"]
-    return export_package(
-        load_demo_sources(weights), out, switch=defaults["switch"], steps=defaults["steps"],
-        guidance=defaults["guidance"], overwrite=overwrite, precisions=("fp32",),
-    )
+    if not lean:
+        return export_package(
+            load_demo_sources(weights), out, switch=defaults["switch"], steps=defaults["steps"],
+            guidance=defaults["guidance"], overwrite=overwrite, precisions=("fp32",),
+        )
+    import shutil
+
+    from artrt.runtime.package import write_manifest
+
+    from .lean_weights import compare_packages, lean_package
+    from .package_export import _beside, _move_into_place
+
+    out = check_output_dir(out, overwrite)
+    full, work = _beside(out, ".fp32"), _beside(out, ".partial")
+    for leftover in (full, work):
+        if leftover.exists():
+            log.warning("removing %s, left by an interrupted export", leftover)
+            shutil.rmtree(leftover)
+    try:
+        export_demo(full, weights, overwrite=True)
+        lean_package(full, work)
+        check = compare_packages(full, work, list(CHECK_PROMPTS), CHECK_SEEDS)
+        check.pop("seconds_per_image")
+        log.info("lean package vs fp32: %d images, %d identical, min PSNR %.1f dB", check["images"],
+                 check["identical"], check["min_psnr_db"])
+        if check["min_psnr_db"] < MIN_PSNR_DB:
+            raise ConfigError(f"the lean demo package differs from the fp32 export: min PSNR "
+                              f"{check['min_psnr_db']:.1f} dB < {MIN_PSNR_DB} dB over {check['images']} images")
+        if check["identical"] == check["images"]:
+            check["min_psnr_db"] = None  # all identical (JSON has no infinity)
+        manifest = read_manifest(work)
+        source = {**manifest.source, "lean": {**manifest.source["lean"], "check": {
+            "prompts": len(CHECK_PROMPTS), "seeds": list(CHECK_SEEDS), "vs": "the fp32 export (ort-cpu)", **check}}}
+        write_manifest(work, dataclasses.replace(manifest, source=source))
+        _move_into_place(work, out, overwrite)
+    finally:
+        for leftover in (full, work):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return read_manifest(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m artrt.export.shapes_demo``: rewrite the shipped demo package from the weights."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m artrt.export.shapes_demo", description=main.__doc__)
+    p.add_argument("--out", type=Path, default=SHIPPED, help=f"package directory (default {SHIPPED})")
+    p.add_argument("--weights", type=Path, default=WEIGHTS, help=f"trained weights (default {WEIGHTS})")
+    p.add_argument("--fp32", action="store_true", help="the full fp32 export (+ CPU graphs) instead of the lean one")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    manifest = export_demo(args.out, args.weights, overwrite=True, lean=not args.fp32)
+    log.info("%s: %d files, %.1f MB", args.out, len(manifest.files), sum(f.size for f in manifest.files) / 1e6)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
