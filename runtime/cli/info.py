@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("artrt")
 
@@ -33,22 +34,35 @@ def run(args: argparse.Namespace) -> None:
     lines.append("components:")
     sizes = {f.path: f.size for f in m.files}
     for c in m.components.values():
-        check = ", ".join(f"{k} {v:.1e}" for k, v in c.export_check.items())
-        lines.append(f"  {c.name:<24} {c.kind:<13} {sizes.get(c.onnx, 0) / 1e6:9.1f} MB  "
-                     f"max |ONNX - PyTorch|: {check or 'n/a'}")
+        graphs = graph_sizes(m, c.name)
+        lines.append(f"  {c.name:<24} {c.kind:<13} {sum(graphs.values()) / 1e6:9.1f} MB  "
+                     + ", ".join(f"{label} {size / 1e6:.1f} MB" for label, size in graphs.items()))
+        checks = [("fp32", c.export_check, "max |ONNX - PyTorch|")]
         if c.onnx_fp16 is not None:
-            check = ", ".join(f"{k} {v:.1e}" for k, v in c.export_check_fp16.items())
-            lines.append(f"  {'  fp16':<24} {'':<13} {sizes.get(c.onnx_fp16, 0) / 1e6:9.1f} MB  "
-                         f"max |ONNX fp16 - PyTorch fp32|: {check or 'n/a'}")
+            checks.append(("fp16", c.export_check_fp16, "max |ONNX fp16 - PyTorch fp32|"))
+        for label, check, what in checks:
+            text = ", ".join(f"{k} {v:.1e}" for k, v in check.items())
+            lines.append(f"      {what} ({label}): {text or 'n/a'}")
         for t in (*c.inputs, *c.outputs):
             lines.append(f"      {t.name:<22} {t.dtype:<8} {list(t.shape)}")
     lines += _engine_lines(m)
-    lines.append(f"files     {len(m.files)}, {sum(sizes.values()) / 1e6:.1f} MB, "
+    total, engines = sum(sizes.values()), sum(e.get("size", 0) for e in m.engines)
+    lines.append(f"size      {total / 1e6:.1f} MB: graphs {(total - engines) / 1e6:.1f} MB, "
+                 f"engines {engines / 1e6:.1f} MB")
+    lines.append(f"files     {len(m.files)}, "
                  f"{'sha256 verified' if not args.no_verify else 'sizes checked'}")
     print("\n".join(lines))
 
 
-def _engine_lines(m) -> list[str]:
+def graph_sizes(m: Any, component: str) -> dict[str, int]:
+    """Bytes of each graph the package holds for ``component`` (external data included), by kind."""
+    c = m.components[component]
+    kinds = {"fp32": c.onnx, "fp16": c.onnx_fp16, "cpu": c.onnx_cpu}
+    return {label: sum(f.size for f in m.files if f.path == path or f.path.startswith(path + "."))
+            for label, path in kinds.items() if path is not None}
+
+
+def _engine_lines(m: Any) -> list[str]:
     if not m.engines:
         return ["engines   none built (artrt build)"]
     lines = ["engines:"]
