@@ -187,3 +187,15 @@ def test_export_cli_end_to_end(capsys, models_dir, tmp_path):
                         models_dir / "detail_unet", "--out", out)
     _assert_one_line_error(code, err, "already exists")
     assert not Path(str(out) + ".partial").exists()
+
+
+def test_info_shows_component_and_package_sizes(capsys, sdxl_package):
+    from artrt.runtime.package import read_manifest
+
+    m = read_manifest(sdxl_package, verify_hashes=False)
+    assert main(["info", str(sdxl_package), "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    total = sum(f.size for f in m.files)
+    assert f"size      {total / 1e6:.1f} MB: graphs {total / 1e6:.1f} MB, engines 0.0 MB" in out
+    unet = next(line for line in out.splitlines() if line.strip().startswith("expert_composition "))
+    assert "fp32 " in unet and "fp16 " in unet and "cpu " in unet
