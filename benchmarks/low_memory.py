@@ -50,7 +50,10 @@ def main() -> None:
     for mode in MODES:
         cmd = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps), "--images",
                str(args.images), "--child", mode] + (["--size", str(args.size)] if args.size else [])
-        results.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{mode} failed:\n{done.stderr}")
+        results.append(json.loads(done.stdout))
     same = all(r["sha256"] == results[0]["sha256"] for r in results)
     for r in results:
         print(f"{r['mode']:<14} {r['seconds']:8.2f} s  {r['images_per_s']:6.3f} img/s  "
