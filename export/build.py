@@ -14,7 +14,6 @@ TensorRT; the TensorRT calls are in :mod:`.trt_build`.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from artrt.runtime.engine_records import (
 )
 from artrt.runtime.package import Manifest, read_manifest, resolve, sha256_file, write_manifest
 
+from .onnx_files import move_file, save_onnx
 from .trt_build import Shape, build_plan, tensorrt_version
 
 log = logging.getLogger(__name__)
@@ -219,14 +219,12 @@ def _fix_dims(source: Path, dims: dict[str, int], dst: Path) -> Path:
     every node lands on the CUDA EP and ONNX Runtime can capture the step in a CUDA graph."""
     import onnx
 
-    model = onnx.load(str(source), load_external_data=True)
+    model = onnx.load(str(source), load_external_data=False)  # weights are copied in chunks
     for value in (*model.graph.input, *model.graph.output):
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in dims:
                 dim.dim_value = dims[dim.dim_param]
-    large = sum(len(t.raw_data) for t in model.graph.initializer) > 1 << 30
-    onnx.save_model(model, str(dst), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=dst.name + ".data")
+    save_onnx(model, dst, source_dir=source.parent)
     return dst
 
 
@@ -249,9 +247,10 @@ def _build_fused(
             source = _fix_dims(source, dims, scratch / "static" / "model.onnx")
         out = Path(optimize_for_cuda(source, scratch / Path(engine_file_name(name, "ort-cuda")).name,
                                      MODEL_TYPES[manifest.components[name].kind]))
-        produced = sorted(p.name for p in scratch.iterdir() if p.is_file())
+        # external data first, the graph last: a graph under its final name has its weights beside it
+        produced = sorted((p.name for p in scratch.iterdir() if p.is_file()), key=lambda f: (f == out.name, f))
         for file in produced:
-            os.replace(scratch / file, engines / file)
+            move_file(scratch / file, engines / file)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     extra = [f"{ENGINE_DIR}/{f}" for f in produced if f != out.name]

@@ -19,6 +19,7 @@ Imports no torch (only onnx, numpy and onnxruntime).
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
@@ -27,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from artrt.errors import CpuOptimizeError
+from artrt.errors import CpuOptimizeError, OutputError
 from artrt.runtime.package import Manifest, file_record, resolve
+
+from .onnx_files import has_external_data, write_graph
 
 log = logging.getLogger(__name__)
 
@@ -242,15 +245,15 @@ def optimize_for_cpu(
     against ``src`` on random inputs (symbolic dimensions sized by ``check_dims``).
 
     Weights stay where they are: embedded graphs are written whole, and a graph with
-    external data refers to the same ``.data`` file (so ``dst`` must be beside ``src``).
+    external data refers to the same ``.data`` file (so ``dst`` must be beside ``src``); its
+    weights are never loaded here. ``dst`` is written atomically.
     Returns the count of each fused operator written (empty: nothing matched, nothing written).
     """
     import onnx
 
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src), load_external_data=False)
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-    if external and dst.parent.resolve() != src.parent.resolve():
+    if has_external_data(model) and dst.parent.resolve() != src.parent.resolve():
         raise CpuOptimizeError(f"{dst}: a graph with external weights must be written beside {src}")
     before = _interface(model)
     fused = fuse_attention(model)
@@ -258,14 +261,16 @@ def optimize_for_cpu(
         return {}
     if _interface(model) != before:
         raise CpuOptimizeError(f"{src.name}: fusing changed the graph's inputs/outputs")
+    counts = dict(Counter(n.op_type for n in model.graph.node if n.domain == CONTRIB_DOMAIN))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(dst))
+    write_graph(model, dst)  # atomic; external weights stay in src's .data file
+    del model
     try:
-            check_fused(src, dst, check_dims or CHECK_DIMS)
+        check_fused(src, dst, check_dims or CHECK_DIMS)
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
-    return dict(Counter(n.op_type for n in model.graph.node if n.domain == CONTRIB_DOMAIN))
+    return counts
 
 
 def add_cpu_graphs(root: Path, manifest: Manifest) -> Manifest:
@@ -280,13 +285,17 @@ def add_cpu_graphs(root: Path, manifest: Manifest) -> Manifest:
         if comp.kind not in CPU_KINDS:
             continue
         rel = str(Path(comp.onnx).with_name("model_cpu.onnx"))
+        started = time.perf_counter()
         try:
             counts = optimize_for_cpu(resolve(root, comp.onnx), resolve(root, rel), dims)
+        except (OutputError, OSError):  # a full disk fails the export, as for any other file
+            raise
         except Exception as exc:  # an optimisation, never a reason to fail an export
             log.warning("%s: no CPU graph (%s: %s); ort-cpu will run %s", name, type(exc).__name__, exc, comp.onnx)
             continue
         if counts:
-            log.info("%s: CPU graph with %s", name, ", ".join(f"{n} {op}" for op, n in counts.items()))
+            fused = ", ".join(f"{n} {op}" for op, n in counts.items())
+            log.info("%s: CPU graph with %s, checked (%.1f s)", name, fused, time.perf_counter() - started)
             components[name] = replace(comp, onnx_cpu=rel)
             files = [f for f in files if f.path != rel] + [file_record(root, rel)]
     return replace(manifest, components=components, files=tuple(files))
@@ -309,16 +318,23 @@ def check_fused(original: Path, fused: Path, dims: Mapping[str, int] = CHECK_DIM
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in (original, fused)]
-    feeds = random_inputs(sessions[0], dims)
-    reference, got = (s.run(None, feeds) for s in sessions)
+    options.enable_cpu_mem_arena = False
+
+    def run(path: Path, feeds: dict[str, np.ndarray] | None) -> tuple[list[str], dict[str, np.ndarray], list]:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feeds = feeds if feeds is not None else random_inputs(session, dims)
+        return [o.name for o in session.get_outputs()], feeds, session.run(None, feeds)
+
+    # one session at a time: a large graph's weights are in memory once
+    names, feeds, reference = run(original, None)
+    _, _, got = run(fused, feeds)
     errors = {}
-    for out, ref, value in zip(sessions[0].get_outputs(), reference, got):
+    for name, ref, value in zip(names, reference, got):
         error = float(np.max(np.abs(ref - value))) if ref.size else 0.0
-        errors[out.name] = error
+        errors[name] = error
         scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
         if not error <= TOLERANCE * scale:
-            raise CpuOptimizeError(f"{fused.name}: output {out.name} differs from {original.name} by {error:.3g}")
+            raise CpuOptimizeError(f"{fused.name}: output {name} differs from {original.name} by {error:.3g}")
     log.debug("%s: max abs difference vs %s: %s", fused.name, original.name, errors)
     return errors
 

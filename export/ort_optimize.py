@@ -34,11 +34,11 @@ from typing import Any
 
 from artrt.errors import InputError, OptimizeError
 
+from .onnx_files import save_onnx
+
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("unet", "clip", "vae")
-# Above this many bytes of weights the fused graph is saved with external data (as the exporter does).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
 CONTRIB_DOMAIN = "com.microsoft"
 # Fused ops whose CUDA kernels take only some widths (onnxruntime/contrib_ops/cuda/diffusion/*.cc,
 # 1.31): op -> the fusion option that makes it and the widths (bias / gamma length) it accepts;
@@ -54,7 +54,8 @@ GROUP_NORM_BLOCK_SIZES = (128, 256, 320, 384, 512)  # kSizes in group_norm_commo
 
 
 def optimize_for_cuda(src: Path, dst: Path, model_type: str) -> Path:
-    """Fuse ``src`` for the CUDA EP and write it to ``dst`` (+ ``dst.data`` when large).
+    """Fuse ``src`` (and its external data) for the CUDA EP and write it to ``dst`` (+ ``dst.data``
+    when its weights exceed :data:`onnx_files.EXTERNAL_DATA_THRESHOLD`), atomically.
 
     ``model_type`` is ``"unet"`` (a fused step), ``"clip"`` (a text encoder) or ``"vae"``
     (the decoder). Returns ``dst``. Logs the fused operators it produced.
@@ -68,9 +69,11 @@ def optimize_for_cuda(src: Path, dst: Path, model_type: str) -> Path:
     fp16 = _has_fp16_weights(source)
     optimized = _fuse(src, model_type, fusion_options(model_type, fp16))
     _check_interface(source, optimized.model, src.name)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    large = _weight_bytes(optimized.model) > EXTERNAL_DATA_THRESHOLD
-    optimized.save_model_to_file(str(dst), use_external_data_format=large)
+    optimized.topological_sort()
+    if fused_operators(optimized.model) and not any(o.domain == CONTRIB_DOMAIN for o in optimized.model.opset_import):
+        optimized.model.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    # external data past onnx_files.EXTERNAL_DATA_THRESHOLD, like the exporter; both files atomic
+    save_onnx(optimized.model, dst, source_dir=src.parent)
     log.info("%s: fused for the CUDA EP (%s): %s", src.name, "fp16" if fp16 else "fp32",
              fused_operators(optimized.model) or "no contrib ops")
     return dst
@@ -176,17 +179,6 @@ def _has_fp16_weights(model: Any) -> bool:
     from onnx import TensorProto
 
     return any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
-
-
-def _weight_bytes(model: Any) -> int:
-    import numpy as np
-    from onnx import helper
-
-    total = 0
-    for tensor in model.graph.initializer:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-    return total
 
 
 __all__ = [

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 import logging
 import os
@@ -12,10 +10,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 import artrt
-from artrt.errors import InputError
+from artrt.errors import InputError, OutputError
 from artrt.runtime.arguments import check_float, check_steps, check_switch
 from artrt.runtime.package import (
     FORMAT_NAME,
@@ -24,25 +20,19 @@ from artrt.runtime.package import (
     Defaults,
     Expert,
     Manifest,
-    TensorInfo,
     TokenizerInfo,
     file_record,
     write_manifest,
 )
 
+from .components import export_decoder, export_expert, export_text_encoder, latent_shape
 from .cpu_optimize import add_cpu_graphs
-from .graphs import DecoderGraph, FusedStepGraph, TextEncoderGraph
-from .onnx_io import check_onnx, export_onnx, tensor_info
-from .sources import ExpertSource, ModelSources, TextEncoderSource
+from .sources import ModelSources
+from .weights import LazyModule, check_memory, weight_bytes
 
 log = logging.getLogger(__name__)
 
-TOLERANCE = 1e-3  # allowed max abs error of ONNX vs PyTorch, relative to max(1, |output|)
-TOLERANCE_FP16 = 5e-2  # the same for fp16 ONNX vs the fp32 PyTorch module
 PRECISIONS = ("fp32", "fp16")
-CONDITIONING = ("encoder_hidden_states", "text_embeds", "time_ids")  # fp16 inputs of fp16 step graphs
-LATENT_AXES = {0: "batch", 2: "latent_height", 3: "latent_width"}
-COND_AXES = {0: "cond_batch"}
 
 
 def export_package(
@@ -57,8 +47,11 @@ def export_package(
     (``model_fp16.onnx``), and so does the VAE decoder when ``fp16_vae`` says it is
     fp16-safe (SDXL's original VAE overflows in fp16). The package is assembled in
     ``out.partial`` and renamed into place at the end, so an interrupted export never
-    leaves a half-written package behind. ``out`` is checked first (see
-    :func:`check_output_dir`): ``overwrite`` replaces only an artrt package or an empty directory.
+    leaves a half-written package behind; a failed one (e.g. a full disk: one
+    :class:`OutputError` line) deletes ``out.partial`` and leaves ``out`` as it was. ``out`` is
+    checked first (see :func:`check_output_dir`): ``overwrite`` replaces only an artrt package or
+    an empty directory. Models that are :class:`LazyModule` (what ``load_*`` return) are loaded
+    one at a time, so memory is set by the largest component (docs/export-scale.md).
     """
     out = check_output_dir(out, overwrite)
     fp16 = _check_precisions(precisions, fp16_vae)
@@ -69,27 +62,45 @@ def export_package(
         shutil.rmtree(work)
     work.mkdir(parents=True)
     started = time.perf_counter()
+    try:
+        _check_resources(sources, work, fp16, fp16_vae)
+        manifest = _write_package(sources, work, fp16, fp16_vae, switch, steps, guidance)
+    except BaseException as exc:  # out is left as it was; what was written goes (a full disk needs the space)
+        shutil.rmtree(work, ignore_errors=True)
+        if not isinstance(exc, (OutputError, OSError)):
+            raise
+        reason = exc if isinstance(exc, OutputError) else f"cannot write {exc.filename or work}: {exc.strerror or exc}"
+        raise OutputError(f"{reason}; the export stopped, removed {work.name} and left {out} as it was: "
+                          "make room (or fix the cause) and run it again") from None
+    _move_into_place(work, out, overwrite)
+    log.info("package written to %s in %.1f s", out, time.perf_counter() - started)
+    return manifest
+
+
+def _write_package(sources: ModelSources, work: Path, fp16: bool, fp16_vae: bool, switch: float, steps: int,
+                   guidance: float) -> Manifest:
+    """Export every component into ``work``, one at a time, and write its manifest."""
     components: dict[str, Component] = {}
     tokenizers: dict[str, TokenizerInfo] = {}
     files: list[str] = []
     for enc in sources.text_encoders.values():
-        comp, tok, written = _export_text_encoder(enc, work, fp16)
+        comp, tok, written = export_text_encoder(enc, work, fp16)
         components[comp.name], tokenizers[enc.name] = comp, tok
         files += written
-    latent = _latent_shape(sources)
+    latent = latent_shape(sources)
     experts = []
     for expert in sources.experts:
-        comp, written = _export_expert(expert, sources, work, latent, fp16)
+        comp, written = export_expert(expert, sources, work, latent, fp16)
         components[comp.name] = comp
         files += written
         experts.append(Expert(expert.name, comp.name, expert.conditioning))
     decoder = None
     if sources.vae is not None:
-        comp, written = _export_decoder(sources.vae, work, latent, fp16 and fp16_vae)
+        comp, written = export_decoder(sources.vae, work, latent, fp16 and fp16_vae)
         components[comp.name], decoder = comp, comp.name
         files += written
-    unet, patch = sources.experts[0].unet, sources.experts[0].patch
-    default_size = int(unet.config.sample_size) * sources.latent_scale * patch
+    config, patch = sources.experts[0].unet.config, sources.experts[0].patch
+    default_size = int(config.sample_size) * sources.latent_scale * patch
     manifest = Manifest(
         family=sources.family,
         components=components,
@@ -97,9 +108,9 @@ def export_package(
         schedule=sources.schedule.to_dict(),
         experts=tuple(experts),
         defaults=Defaults(steps, guidance, switch, sources.default_sampler, default_size, default_size),
-        latent_channels=int(unet.config.in_channels) // patch**2,
+        latent_channels=int(config.in_channels) // patch**2,
         latent_scale=sources.latent_scale,
-        size_multiple=sources.latent_scale * patch * 2 ** (len(unet.config.block_out_channels) - 1),
+        size_multiple=sources.latent_scale * patch * 2 ** (len(config.block_out_channels) - 1),
         decoder=decoder,
         files=tuple(file_record(work, f) for f in files),
         source=sources.info,
@@ -107,9 +118,28 @@ def export_package(
     )
     manifest = add_cpu_graphs(work, manifest)  # ort-cpu graphs with fused attention
     write_manifest(work, manifest)
-    _move_into_place(work, out, overwrite)
-    log.info("package written to %s in %.1f s", out, time.perf_counter() - started)
     return manifest
+
+
+def _check_resources(sources: ModelSources, work: Path, fp16: bool, fp16_vae: bool) -> None:
+    """Refuse, before loading anything, an export that cannot fit: the largest component's fp32
+    weights in memory (:func:`check_memory`; each load checks again), and on the disk of ``work``
+    the fp32 weights of every component, half of that again for fp16 graphs and the exporter's
+    scratch copies of the largest component's two graphs (the VAE's encoder, not exported, makes
+    it an overestimate)."""
+    models = [enc.model for enc in sources.text_encoders.values()] + [e.unet for e in sources.experts]
+    sizes = [weight_bytes(m) for m in models]
+    vae = weight_bytes(sources.vae)
+    largest = max([*models, sources.vae], key=weight_bytes)
+    if isinstance(largest, LazyModule):
+        check_memory(str(largest.folder), largest.fp32_bytes)
+    need = sum(sizes) * (1.5 if fp16 else 1) + vae * (1.5 if fp16_vae else 1) + 1.5 * max([*sizes, vae])
+    free = shutil.disk_usage(work).free
+    if need > free:
+        raise OutputError(f"the package needs about {need / 1e9:.1f} GB of disk while it is written, "
+                          f"{free / 1e9:.1f} GB are free in {work.parent}")
+    log.info("exporting %d components (%.2f GB of fp32 weights, the largest %.2f GB)",
+             len(sizes) + (sources.vae is not None), (sum(sizes) + vae) / 1e9, max([*sizes, vae]) / 1e9)
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
@@ -202,168 +232,6 @@ def _check_precisions(precisions: Sequence[str], fp16_vae: bool) -> bool:
     if fp16_vae and "fp16" not in precisions:
         raise InputError("--fp16-vae needs fp16 in --precision")
     return "fp16" in precisions
-
-
-class _Fp32Reference(torch.nn.Module):
-    """The fp32 module fed an fp16 graph's inputs cast back to fp32: what its check compares with."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, *inputs: torch.Tensor):
-        return self.module(*(t.float() if t.is_floating_point() else t for t in inputs))
-
-
-class _Fp32Boundary(torch.nn.Module):
-    """Wraps a half-precision single-input graph so its input and output stay fp32."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x.half()).float()
-
-
-def _half_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """``copy.deepcopy(module).half()`` without an intermediate fp32 copy of the weights."""
-    memo: dict[int, torch.Tensor] = {}
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        if tensor.is_floating_point():
-            half = tensor.detach().half()
-            memo[id(tensor)] = torch.nn.Parameter(half, requires_grad=False) if isinstance(
-                tensor, torch.nn.Parameter) else half
-    return copy.deepcopy(module, memo).eval()
-
-
-def _as_half(inputs: dict[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
-    return {k: v.half() if k in names else v for k, v in inputs.items()}
-
-
-def _component(name: str, kind: str, work: Path, written: dict, tokenizer=None) -> Component:
-    onnx_rel, errors = written["fp32"]
-    onnx_fp16, errors_fp16 = written.get("fp16", (None, {}))
-    inputs, outputs = tensor_info(work / onnx_rel)
-
-    def infos(items: list[dict]) -> tuple[TensorInfo, ...]:
-        return tuple(TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
-
-    return Component(name, kind, onnx_rel, infos(inputs), infos(outputs), tokenizer, errors, onnx_fp16, errors_fp16)
-
-
-def _export_graph(module, name, inputs, check_inputs, outputs, axes, work: Path, fp16=None, half_inputs=()):
-    """Export ``module`` to ``<name>/model.onnx`` and, with ``fp16`` (a half-precision
-    version of it), to ``<name>/model_fp16.onnx``, checking each against the fp32 module.
-
-    Returns the files written and ``{precision: (onnx path, max abs error per output)}``.
-    """
-    variants = [("fp32", module, "model.onnx", inputs, check_inputs, TOLERANCE, module)]
-    if fp16 is not None:
-        variants.append(("fp16", fp16, "model_fp16.onnx", _as_half(inputs, half_inputs),
-                         _as_half(check_inputs, half_inputs), TOLERANCE_FP16, _Fp32Reference(module)))
-    files, graphs = [], {}
-    for precision, graph, filename, trace, check, tolerance, reference in variants:
-        started = time.perf_counter()
-        log.info("exporting %s (%s) ...", name, precision)
-        path = work / name / filename
-        written = export_onnx(graph, trace, outputs, axes, path)
-        errors = check_onnx(reference, check, outputs, path, tolerance)
-        log.info(
-            "exported %s (%s) in %.1f s; max abs error vs PyTorch fp32: %s", name, precision,
-            time.perf_counter() - started, ", ".join(f"{k} {v:.2e}" for k, v in errors.items()),
-        )
-        files += [str(p.relative_to(work)) for p in written]
-        graphs[precision] = (str(path.relative_to(work)), errors)
-    return files, graphs
-
-
-def _export_text_encoder(enc: TextEncoderSource, work: Path, fp16: bool):
-    max_length = int(enc.tokenizer.model_max_length)
-    vocab = int(enc.model.config.vocab_size)
-    graph = TextEncoderGraph(enc.model, enc.hidden_layer, enc.pooled, enc.mask_pad_id).eval()
-    outputs = ["hidden_states", "pooled"] if enc.pooled else ["hidden_states"]
-    ids = {"input_ids": _token_ids(1, max_length, vocab, enc.mask_pad_id, seed=0)}
-    check = {"input_ids": _token_ids(3, max_length, vocab, enc.mask_pad_id, seed=1)}
-    axes = {n: {0: "batch"} for n in ["input_ids", *outputs]}
-    half = _half_copy(graph) if fp16 else None  # outputs fp16; hosts cast them as needed
-    written, graphs = _export_graph(graph, enc.name, ids, check, outputs, axes, work, half)
-    tok_rel = f"{enc.name}/tokenizer.json"
-    enc.tokenizer.backend_tokenizer.save(str(work / tok_rel))
-    tok = TokenizerInfo(tok_rel, max_length, int(enc.tokenizer.pad_token_id))
-    comp = _component(enc.name, "text_encoder", work, graphs, tokenizer=enc.name)
-    return comp, tok, [*written, tok_rel]
-
-
-def _token_ids(batch: int, length: int, vocab: int, pad_id: int | None, seed: int) -> torch.Tensor:
-    """Random token ids for tracing and checks; with ``pad_id``, rows end in padding of varied length."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, length), dtype=torch.int64, generator=g)
-    if pad_id is not None:
-        ids[ids == pad_id] = (pad_id + 1) % vocab
-        for row in range(batch):
-            ids[row, length // (row + 2):] = pad_id
-    return ids
-
-
-def _latent_shape(sources: ModelSources) -> tuple[int, int]:
-    """A small latent size for tracing: two size multiples, in latent pixels."""
-    expert = sources.experts[0]
-    config = expert.unet.config
-    multiple = expert.patch * 2 ** (len(config.block_out_channels) - 1)
-    return int(config.in_channels) // expert.patch**2, 2 * multiple
-
-
-def _step_inputs(expert: ExpertSource, sources: ModelSources, batch: int, h: int, w: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    channels = int(expert.unet.config.in_channels) // expert.patch**2
-    cond = expert.conditioning
-    encoders = [sources.text_encoders[n] for n in cond.text_encoders]
-    width = sum(_hidden_width(enc) for enc in encoders)
-    tokens = int(encoders[0].tokenizer.model_max_length)
-    latents = {
-        n: torch.randn(batch, channels, h, w, generator=g) for n in ("sample", "denoised_prev", "noise")
-    }
-    step = torch.tensor([0.3, 500.0, 1.0, -2.0, 5.0, 0.9, 0.1, -0.05, 0.2])
-    inputs = {**latents, "step": step,
-              "encoder_hidden_states": torch.randn(2 * batch, tokens, width, generator=g)}
-    if cond.pooled is not None:
-        pooled_width = int(sources.text_encoders[cond.pooled].model.config.projection_dim)
-        n_ids = 5 if cond.time_ids == "aesthetic" else 6
-        inputs["text_embeds"] = torch.randn(2 * batch, pooled_width, generator=g)
-        inputs["time_ids"] = torch.tensor([[h * 8.0, w * 8.0, 0, 0, h * 8.0, w * 8.0][:n_ids]] * 2 * batch)
-    return inputs
-
-
-def _hidden_width(enc: TextEncoderSource) -> int:
-    return int(enc.model.config.hidden_size)
-
-
-def _export_expert(expert: ExpertSource, sources: ModelSources, work: Path, latent: tuple[int, int], fp16: bool):
-    _, size = latent
-    added = expert.conditioning.pooled is not None
-    graph = FusedStepGraph(expert.unet, added_conditioning=added, patch=expert.patch).eval()
-    inputs = _step_inputs(expert, sources, 1, size, size, seed=0)
-    check = _step_inputs(expert, sources, 2, 2 * size, size, seed=1)
-    axes = {n: LATENT_AXES for n in ("sample", "denoised_prev", "noise", "next_sample", "denoised")}
-    axes.update({n: COND_AXES for n in ("encoder_hidden_states", "text_embeds", "time_ids") if n in inputs})
-    name = f"expert_{expert.name}"
-    outputs = ["next_sample", "denoised"]
-    half = _half_copy(graph) if fp16 else None  # FusedStepGraph keeps x, D and the update in fp32
-    written, graphs = _export_graph(graph, name, inputs, check, outputs, axes, work, half, CONDITIONING)
-    return _component(name, "fused_step", work, graphs), written
-
-
-def _export_decoder(vae: torch.nn.Module, work: Path, latent: tuple[int, int], fp16: bool):
-    channels, size = latent
-    graph = DecoderGraph(vae).eval()
-    g = torch.Generator().manual_seed(2)
-    inputs = {"latents": torch.randn(1, channels, size, size, generator=g)}
-    check = {"latents": torch.randn(2, channels, size, 2 * size, generator=g)}
-    axes = {"latents": LATENT_AXES, "image": {0: "batch", 2: "height", 3: "width"}}
-    half = _Fp32Boundary(_half_copy(graph)) if fp16 else None
-    written, graphs = _export_graph(graph, "vae_decoder", inputs, check, ["image"], axes, work, half)
-    return _component("vae_decoder", "vae_decoder", work, graphs), written
 
 
 __all__ = ["check_output_dir", "export_package"]

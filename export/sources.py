@@ -6,10 +6,17 @@ Two layouts (DESIGN.md, "Model families"):
   expert) with its own conditioning: text_encoder_2 only and aesthetic-score time ids.
 - ``same-arch``: one pipeline folder plus a second UNet of the same config (the seed's
   design, eDiff-I): both experts share the pipeline's text encoder(s) and VAE.
+
+Nothing is loaded here but configs and tokenizers: every model is a :class:`LazyModule`
+that export loads right before exporting it and frees after (DESIGN.md, "Memory"), so the
+memory an export needs is set by its largest component, not by the sum of them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -21,6 +28,8 @@ import torch
 from artrt.errors import ConfigError, InputError
 from artrt.runtime.package import Conditioning
 from artrt.runtime.schedules import ScheduleConfig
+
+from .weights import LazyModule, safetensors_header, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +46,7 @@ SD_PIPELINES = {"StableDiffusionPipeline"}
 @dataclass
 class TextEncoderSource:
     name: str
-    model: torch.nn.Module
+    model: torch.nn.Module | LazyModule
     tokenizer: Any  # a transformers *fast* tokenizer
     hidden_layer: int | None  # None: final state; -2: penultimate layer
     pooled: bool
@@ -47,17 +56,20 @@ class TextEncoderSource:
 @dataclass
 class ExpertSource:
     name: str
-    unet: torch.nn.Module
+    unet: torch.nn.Module | LazyModule
     conditioning: Conditioning
     patch: int = 1  # pixel-space UNets on space-to-depth input (see FusedStepGraph)
 
 
 @dataclass
 class ModelSources:
+    """Everything a package is made of. Models are modules, or :class:`LazyModule` loaders that
+    export calls one at a time (``load_*`` below return those: memory bounded by one component)."""
+
     family: str
     text_encoders: dict[str, TextEncoderSource]
     experts: list[ExpertSource]
-    vae: torch.nn.Module | None
+    vae: torch.nn.Module | LazyModule | None
     schedule: ScheduleConfig
     default_sampler: str
     latent_scale: int
@@ -77,6 +89,10 @@ def _schedule(folder: Path) -> tuple[ScheduleConfig, str]:
     return ScheduleConfig.from_diffusers(config), SAMPLER_OF_SCHEDULER.get(name, "euler")
 
 
+def _from_pretrained(cls: type, folder: Path) -> torch.nn.Module:
+    return cls.from_pretrained(folder).float().eval()
+
+
 def _load_text_encoder(folder: Path, sub: str, tok_sub: str, name: str, hidden_layer: int | None):
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -84,34 +100,67 @@ def _load_text_encoder(folder: Path, sub: str, tok_sub: str, name: str, hidden_l
     cls_name = _model_index(folder)[sub][1]
     if cls_name not in classes:
         raise ConfigError(f"{folder}/{sub}: text encoder class {cls_name} is not supported")
-    model = classes[cls_name].from_pretrained(folder / sub).float().eval()
+    cls = classes[cls_name]
+    config = cls.config_class.from_pretrained(folder / sub)
+    files = weight_files(folder / sub, "model", "pytorch_model.bin")
+    model = LazyModule(folder / sub, functools.partial(_from_pretrained, cls, folder / sub), config, files)
     tokenizer = AutoTokenizer.from_pretrained(folder / tok_sub, use_fast=True)
     pooled = cls_name == "CLIPTextModelWithProjection"
     return TextEncoderSource(name, model, tokenizer, hidden_layer, pooled)
 
 
-def _load_unet(folder: Path) -> torch.nn.Module:
+def _diffusers_config(cls: type, folder: Path) -> Any:
+    """A diffusers model's config as ``from_pretrained`` would set it (the JSON over the constructor's
+    defaults), read without building the model."""
+    from diffusers.configuration_utils import FrozenDict
+
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return FrozenDict({**defaults, **cls.load_config(folder)})
+
+
+def _load_unet(folder: Path) -> LazyModule:
     from diffusers import UNet2DConditionModel
 
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder} is not a diffusers UNet folder (no config.json)")
-    return UNet2DConditionModel.from_pretrained(folder).float().eval()
+    files = weight_files(folder, "diffusion_pytorch_model", "diffusion_pytorch_model.bin")
+    config = _diffusers_config(UNet2DConditionModel, folder)
+    return LazyModule(folder, functools.partial(_from_pretrained, UNet2DConditionModel, folder), config, files)
 
 
-def _load_vae(folder: Path) -> tuple[torch.nn.Module, int]:
+def _load_vae(folder: Path) -> tuple[LazyModule, int]:
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
-    return vae, 2 ** (len(vae.config.block_out_channels) - 1)
+    sub = folder / "vae"
+    files = weight_files(sub, "diffusion_pytorch_model", "diffusion_pytorch_model.bin")
+    config = _diffusers_config(AutoencoderKL, sub)
+    vae = LazyModule(sub, functools.partial(_from_pretrained, AutoencoderKL, sub), config, files)
+    return vae, 2 ** (len(config.block_out_channels) - 1)
 
 
-def _public_config(module: torch.nn.Module) -> dict[str, Any]:
+def _public_config(module: torch.nn.Module | LazyModule) -> dict[str, Any]:
     return {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
 
 
-def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+def _same_weights(a: LazyModule, b: LazyModule) -> bool:
+    """Whether two models hold the same fp32 weights: compared tensor by tensor from their
+    safetensors files (memory: one tensor), or, for pickle checkpoints, loaded whole."""
+    if not a.files or not b.files or any(f.suffix != ".safetensors" for f in (*a.files, *b.files)):
+        sa, sb = a().state_dict(), b().state_dict()
+        return sa.keys() == sb.keys() and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+    from safetensors import safe_open
+
+    def keys(files: tuple[Path, ...]) -> dict[str, Path]:
+        return {k: f for f in files for k in safetensors_header(f) if k != "__metadata__"}
+
+    ka, kb = keys(a.files), keys(b.files)
+    if ka.keys() != kb.keys():
+        return False
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in (*a.files, *b.files)}
+        return all(torch.equal(handles[ka[k]].get_tensor(k).float(), handles[kb[k]].get_tensor(k).float())
+                   for k in ka)
 
 
 def _has(index: dict, component: str) -> bool:
