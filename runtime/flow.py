@@ -31,6 +31,7 @@ from artrt.errors import ConfigError, InputError
 
 from .experts import Segment
 from .samplers import STEP_SCALARS
+from .schedules import parse_choice
 
 FLOW_STEP_SCALARS: tuple[str, ...] = (*STEP_SCALARS, "ca", "cp", "cb", "cc")
 
@@ -43,13 +44,7 @@ class FlowSampler(str, enum.Enum):
 
     @classmethod
     def parse(cls, name: str | FlowSampler) -> FlowSampler:
-        if isinstance(name, cls):
-            return name
-        try:
-            return cls(str(name).strip().lower())
-        except ValueError:
-            choices = ", ".join(s.value for s in cls)
-            raise InputError(f"unknown sampler {name!r}; choose from {choices}") from None
+        return parse_choice(cls, name, "sampler")
 
 
 # diffusers keys that never change these samplers' math under flow sigmas.

@@ -12,11 +12,25 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from artrt.errors import ConfigError, InputError
+
+Choice = TypeVar("Choice", bound=enum.Enum)
+
+
+def parse_choice(kind: type[Choice], name: Any, what: str) -> Choice:
+    """The member of the string enum ``kind`` called ``name`` (case-insensitive); one
+    :class:`InputError` line naming the choices if there is none."""
+    if isinstance(name, kind):
+        return name
+    try:
+        return kind(str(name).strip().lower())
+    except ValueError:
+        choices = ", ".join(str(s.value) for s in kind)
+        raise InputError(f"unknown {what} {name!r}; choose from {choices}") from None
 
 
 class Sampler(str, enum.Enum):
@@ -30,13 +44,7 @@ class Sampler(str, enum.Enum):
     @classmethod
     def parse(cls, name: str | Sampler) -> Sampler:
         """The sampler called ``name`` (case-insensitive); :class:`InputError` if there is none."""
-        if isinstance(name, cls):
-            return name
-        try:
-            return cls(str(name).strip().lower())
-        except ValueError:
-            choices = ", ".join(s.value for s in cls)
-            raise InputError(f"unknown sampler {name!r}; choose from {choices}") from None
+        return parse_choice(cls, name, "sampler")
 
     @property
     def draws_noise(self) -> bool:
