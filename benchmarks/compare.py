@@ -36,7 +36,7 @@ EXPERTS = [("composition", "expert_composition"), ("detail", "expert_detail")]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workload", choices=("tiny", "small", "demo"), default="tiny",
+    p.add_argument("--workload", choices=("tiny", "small", "large", "demo"), default="tiny",
                    help="random SDXL pair size, or the embedded demo model")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--size", type=int, help="image height and width in pixels (default 256; demo: 32, fixed)")
