@@ -18,7 +18,7 @@ from pathlib import Path
 
 from artrt.errors import InputError
 
-from .package import Manifest
+from .package import Manifest, graph_bytes
 
 ACTIVATION_BYTES_PER_PIXEL = 4096
 HEADROOM = 0.9  # of the available memory a request may plan to use
@@ -90,8 +90,7 @@ def check_fits(cost: RequestCost, what: str, available: int | None = None) -> No
 def weight_bytes(manifest: Manifest, component: str) -> int:
     """Bytes of the graph ONNX Runtime CPU loads for ``component``, external data included."""
     comp = manifest.components[component]
-    graph = comp.onnx_cpu or comp.onnx
-    return sum(f.size for f in manifest.files if f.path == graph or f.path.startswith(graph + "."))
+    return graph_bytes(manifest, comp.onnx_cpu or comp.onnx)
 
 
 def check_load_fits(root: Path, manifest: Manifest, backend: str, memory: str, available: int | None = None) -> None:

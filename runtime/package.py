@@ -154,6 +154,11 @@ def package_root(path: str | Path) -> Path:
     return path.parent if path.name == MANIFEST_NAME and path.is_file() else path
 
 
+def graph_bytes(manifest: Manifest, graph: str) -> int:
+    """Bytes of the package file ``graph`` and of its external data (``graph.data`` and the like)."""
+    return sum(f.size for f in manifest.files if f.path == graph or f.path.startswith(graph + "."))
+
+
 def read_manifest(root: str | Path, verify_hashes: bool = True, check_engines: bool = True) -> Manifest:
     """Read and validate a package directory's manifest.
 

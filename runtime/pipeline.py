@@ -300,8 +300,7 @@ class Pipeline:
                 continue
             with self._opened.using(expert.component) as engine:
                 for r, segments in todo:
-                    buffers = self._loop_buffers(r.sample.shape)
-                    buffers.forget(expert.name)
+                    buffers = self._loop_buffers(r.sample.shape)  # no bindings of this expert: dropped below
                     buffers.set_conditioning(expert.name, engine, r.feeds[index])
                     load_state(buffers, *r.tables, r.sample, r.denoised)
                     parity, marks = enqueue_steps({index: engine}, names, buffers, segments, r.tables[1] is not None,

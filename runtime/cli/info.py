@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from artrt.runtime.package import graph_bytes
+
 log = logging.getLogger("artrt")
 
 
@@ -58,8 +60,7 @@ def graph_sizes(m: Any, component: str) -> dict[str, int]:
     """Bytes of each graph the package holds for ``component`` (external data included), by kind."""
     c = m.components[component]
     kinds = {"fp32": c.onnx, "fp16": c.onnx_fp16, "cpu": c.onnx_cpu}
-    return {label: sum(f.size for f in m.files if f.path == path or f.path.startswith(path + "."))
-            for label, path in kinds.items() if path is not None}
+    return {label: graph_bytes(m, path) for label, path in kinds.items() if path is not None}
 
 
 def _engine_lines(m: Any) -> list[str]:
