@@ -108,7 +108,9 @@ def export_artrt(models: Path, package: Path, s: Settings) -> None:
 
     from artrt.export import export_package, load_sdxl_ensemble
 
-    options = {"precisions": ("fp32",)} if "precisions" in inspect.signature(export_package).parameters else {}
+    parameters = inspect.signature(export_package).parameters  # older artrt checkouts: precisions=
+    options = ({"targets": ("cpu",)} if "targets" in parameters
+               else {"precisions": ("fp32",)} if "precisions" in parameters else {})
     log.info("exporting the artrt package to %s", package)
     export_package(load_sdxl_ensemble(models / "base", models / "refiner"), package, switch=s.switch,
                    steps=s.steps, guidance=s.guidance, overwrite=True, **options)

@@ -12,6 +12,10 @@ import numpy as np
 from artrt.errors import EngineError
 
 from .base import Engine, TensorSpec
+from .onnx_weights import check_weights, patched_bytes, read_initializers
+
+# Where a session created from bytes finds the graph's external data (onnxruntime_session_options_config_keys.h)
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 _ORT_TYPES = {
     "tensor(float)": np.dtype(np.float32),
@@ -32,9 +36,51 @@ def max_threads() -> int:
 
 
 class OrtSessionEngine(Engine):
-    """What the ONNX Runtime backends share: a session and the tensors it describes."""
+    """What the ONNX Runtime backends share: a session and the tensors it describes, and weights
+    that replace some of the graph's initializers (LoRA, :meth:`set_weights`).
+
+    Replaced weights are given to the session before its graph optimizations run, so they see
+    the new values exactly as if the file held them: embedded initializers are replaced in a
+    copy of the file's bytes (:func:`~artrt.engines.onnx_weights.patched_bytes`), external ones
+    with ``SessionOptions.add_external_initializers``. (``add_initializer`` is not used: ONNX
+    Runtime applies it after the layout optimizations, which then keep the file's values of
+    convolution weights.)
+    """
 
     _session: Any = None
+    _weights: dict[str, np.ndarray] = {}
+    _weight_values: list[Any] = []  # OrtValues the session reads: they live as long as it
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Run with ``weights`` (initializer name -> values in the graph's dtype and shape) in place
+        of the graph's own; every other initializer keeps the file's value, and ``{}`` restores the
+        file exactly. An active engine gets a new session (checked first: on error it keeps its old one)."""
+        weights = {name: np.ascontiguousarray(array) for name, array in weights.items()}
+        if weights:
+            check_weights(self.path, read_initializers(self.path), weights)
+        self._weights = weights
+        if self._active:
+            self.release()
+            self.activate()
+
+    def _model(self, options: Any) -> str | bytes:
+        """What to create the session from: the file, or its bytes with the replaced weights."""
+        import onnxruntime as ort
+
+        self._weight_values = []
+        if not self._weights:
+            return str(self.path)
+        index = read_initializers(self.path)
+        check_weights(self.path, index, self._weights)
+        external = [name for name in self._weights if index[name].external]
+        if external:
+            self._weight_values = [ort.OrtValue.ortvalue_from_numpy(self._weights[n]) for n in external]
+            options.add_external_initializers(external, self._weight_values)
+        if len(external) == len(self._weights):
+            return str(self.path)
+        if any(init.external for init in index.values()):  # the bytes need the folder of their external data
+            options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(self.path.parent))
+        return patched_bytes(self.path, index, self._weights)
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -64,12 +110,14 @@ class OrtCpuEngine(OrtSessionEngine):
     backend = "ort-cpu"
 
     def __init__(
-        self, path: str | Path, name: str | None = None, threads: int | None = None, spin: bool = False
+        self, path: str | Path, name: str | None = None, threads: int | None = None, spin: bool = False,
+        weights: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__(path, name)
         self.threads = threads or default_threads()
         self.spin = spin
         self._session: Any = None
+        self._weights = dict(weights or {})
 
     def _activate(self) -> None:
         import onnxruntime as ort
@@ -80,15 +128,15 @@ class OrtCpuEngine(OrtSessionEngine):
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        model = self._model(options)
         try:
-            self._session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            self._session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise EngineError(f"{self.name}: onnxruntime could not load {self.path}: {exc}") from None
 
     def _release(self) -> None:
         self._session = None
+        self._weight_values = []
 
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._session.get_outputs()]

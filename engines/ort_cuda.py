@@ -101,9 +101,10 @@ class OrtCudaEngine(OrtSessionEngine):
 
     def __init__(
         self, path: str | Path, name: str | None = None, stream: Any = None,
-        cuda_graph: bool = True, device_id: int = 0,
+        cuda_graph: bool = True, device_id: int = 0, weights: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__(path, name)
+        self._weights = dict(weights or {})  # replaced initializers (LoRA): OrtSessionEngine.set_weights
         self.stream = stream  # an engines.cuda.Stream shared by the pipeline's engines
         self.cuda_graph = cuda_graph
         self.device_id = device_id
@@ -121,8 +122,9 @@ class OrtCudaEngine(OrtSessionEngine):
         options.log_severity_level = 3
         stream = int(self.stream.handle) if self.stream is not None else 0
         providers = [(CUDA_EP, cuda_provider_options(self.device_id, stream, self.cuda_graph)), "CPUExecutionProvider"]
+        model = self._model(options)
         try:
-            session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            session = ort.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             if self.cuda_graph and "graph capture" in str(exc):  # its refusal to capture this graph
                 raise GraphCaptureError(f"{self.name}: onnxruntime cannot capture {self.path} into a CUDA graph "
@@ -136,6 +138,7 @@ class OrtCudaEngine(OrtSessionEngine):
     def _release(self) -> None:
         self._session = None  # captured graphs belong to the session and go with it
         self._graph_ids.clear()
+        self._weight_values = []
 
     def _no_cuda_ep(self, ort: Any, got: list[str] | None = None) -> EngineError:
         session = f"; the session got {got}" if got is not None else ""

@@ -23,6 +23,7 @@ from artrt.errors import EngineError
 
 from .base import Engine, TensorSpec
 from .cuda import DeviceArray, Stream
+from .onnx_weights import read_initializers
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ TRT_API_USED = (
     "ICudaEngine.device_memory_size_v2", "ICudaEngine.create_execution_context",
     "IExecutionContext.set_device_memory", "IExecutionContext.set_input_shape",
     "IExecutionContext.get_tensor_shape", "IExecutionContext.set_tensor_address",
-    "IExecutionContext.execute_async_v3",
+    "IExecutionContext.execute_async_v3", "ICudaEngine.refittable", "Refitter", "Refitter.set_named_weights",
+    "Refitter.get_missing_weights", "Refitter.refit_cuda_engine", "Weights",
 )
 
 Shape = tuple[int, ...]
@@ -98,10 +100,13 @@ class TrtEngine(Engine):
     device = "cuda"
     captures_loop = True  # bound runs are plain enqueues: the caller may record them into its graph
 
-    def __init__(self, path: str | Path, name: str | None = None, stream: Stream | None = None) -> None:
+    def __init__(self, path: str | Path, name: str | None = None, stream: Stream | None = None,
+                 weights: Mapping[str, np.ndarray] | None = None, source: str | Path | None = None) -> None:
         super().__init__(path, name)
         self.stream = stream
         self._own_stream = stream is None
+        self.source = Path(source) if source is not None else None  # the ONNX the plan was built from
+        self._weights = dict(weights or {})  # replaced initializers (LoRA), refitted at activation
         self._clear()
 
     def _clear(self) -> None:
@@ -116,6 +121,7 @@ class TrtEngine(Engine):
         self._shapes: tuple[tuple[str, Shape], ...] | None = None  # input shapes set on the context
         self._warm = False  # the context has run since its input shapes last changed
         self._addresses: tuple[tuple[str, int], ...] | None = None  # addresses set on the context
+        self._refitted: set[str] = set()  # weights that differ from the plan's own (the source ONNX's)
 
     # -- life cycle -------------------------------------------------------------
     def _activate(self) -> None:
@@ -137,6 +143,8 @@ class TrtEngine(Engine):
         self._engine, self._context = engine, context
         self._read_specs(trt)
         self.stream = self.stream or Stream()
+        if self._weights:
+            self._refit(trt)
         log.debug("%s: TensorRT %s plan %s, %d bytes of activation memory",
                   self.name, trt.__version__, self.path, engine.device_memory_size_v2)
 
@@ -166,6 +174,48 @@ class TrtEngine(Engine):
             self.stream.destroy()
             self.stream = None
         self._clear()  # the context goes before the engine, the engine before the runtime
+
+    # -- weights (LoRA) ----------------------------------------------------------
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Run with ``weights`` (ONNX initializer name -> values in the source graph's dtype and
+        layout) in place of the plan's; every other weight is the source ONNX's, and ``{}`` restores
+        them all. Refits the engine in place: the plan must be built refittable
+        (``artrt build --refittable``). Captured CUDA graphs must be captured again afterwards."""
+        self._weights = {name: np.ascontiguousarray(array) for name, array in weights.items()}
+        if self._active:
+            self._refit(_import_tensorrt())
+
+    def _refit(self, trt: Any) -> None:
+        """Refit the changed weights: the new ones, the base value of every weight refitted before and
+        not now (never a delta on a delta), and whatever TensorRT reports missing, from the source ONNX."""
+        if not self._engine.refittable:
+            raise EngineError(f"{self.name}: {self.path} was not built refittable; LoRA on TensorRT needs "
+                              "artrt build --backend trt --refittable --rebuild")
+        if self.source is None:
+            raise EngineError(f"{self.name}: refitting {self.path} needs the ONNX it was built from")
+        base = read_initializers(self.source)
+        values = dict(self._weights)
+        values.update({name: base[name].read() for name in self._refitted - set(values)})
+        if self.stream is not None:
+            self.stream.synchronize()  # refit_cuda_engine must not overlap queued work
+        refitter = trt.Refitter(self._engine, _logger(trt))
+        kept = []  # TensorRT reads the arrays until refit_cuda_engine returns
+        for _ in range(2):  # the weights asked for, then those TensorRT stored combined with them
+            for name, array in values.items():
+                kept.append(array)
+                if not refitter.set_named_weights(name, trt.Weights(array)):
+                    raise EngineError(f"{self.name}: TensorRT rejected weights {name!r} ({array.dtype}"
+                                      f"{list(array.shape)}) for {self.path.name}")
+            missing = [n for n in refitter.get_missing_weights() if n]
+            unknown = [n for n in missing if n not in base]
+            if unknown:
+                raise EngineError(f"{self.name}: TensorRT needs weights {unknown[0]!r}, which {self.source.name} "
+                                  "does not hold")
+            values = {name: base[name].read() for name in missing}
+        if values or not refitter.refit_cuda_engine():
+            raise EngineError(f"{self.name}: TensorRT could not refit {self.path.name} (see its log above)")
+        self._refitted = set(self._weights)
+        log.info("%s: refitted %d weights", self.name, len(self._weights))
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:

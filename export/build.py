@@ -35,7 +35,7 @@ from artrt.runtime.engine_records import (
 from artrt.runtime.package import Manifest, read_manifest, resolve, sha256_file, write_manifest
 
 from .onnx_files import move_file, save_onnx
-from .trt_build import Shape, build_plan, tensorrt_version
+from .trt_build import Shape, build_plan, plan_refittable, tensorrt_version
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class BuildRequest:
     opt_level: int = 3
     timing_cache: Path | None = None  # None: <package>/engines/timing.cache
     rebuild: bool = False
+    refittable: bool = False  # trt: plans whose weights LoRA can refit (docs/lora.md)
 
 
 def dimension_ranges(
@@ -129,6 +130,8 @@ def build_engines(package: str | Path, request: BuildRequest) -> Manifest:
     manifest = read_manifest(root, check_engines=False)
     if request.backend not in BACKENDS:
         raise InputError(f"unknown build backend {request.backend!r}; choose from {', '.join(BACKENDS)}")
+    if request.refittable and request.backend != "trt":
+        raise InputError("--refittable applies to --backend trt (ONNX Runtime takes new weights without it)")
     height = request.height or manifest.defaults.height
     width = request.width or manifest.defaults.width
     dimension_ranges(manifest, height, width, request.batch, request.dynamic)  # validate before any work
@@ -140,7 +143,8 @@ def build_engines(package: str | Path, request: BuildRequest) -> Manifest:
         static_step = request.dynamic is None and manifest.components[name].kind == "fused_step"
         if request.backend == "trt" or static_step:  # fused ort-cuda steps are built for one static shape
             profile = plan_profiles(manifest, name, height, width, request.batch, request.dynamic)
-        reasons = build_reasons(root, manifest, name, request.backend, system, profile, request.rebuild)
+        reasons = build_reasons(root, manifest, name, request.backend, system, profile, request.rebuild,
+                                request.refittable)
         if not reasons:
             log.info("%s: %s is up to date", name, engine_file_name(name, request.backend))
             continue
@@ -162,9 +166,10 @@ def build_engines(package: str | Path, request: BuildRequest) -> Manifest:
 
 def build_reasons(
     root: Path, manifest: Manifest, component: str, backend: str, system: SystemInfo,
-    profile: dict[str, tuple[Shape, Shape, Shape]], rebuild: bool,
+    profile: dict[str, tuple[Shape, Shape, Shape]], rebuild: bool, refittable: bool = False,
 ) -> list[str]:
-    """Why ``component`` needs a new engine (empty: its recorded one serves the request)."""
+    """Why ``component`` needs a new engine (empty: its recorded one serves the request). With
+    ``refittable``, a TensorRT plan that is not refittable needs one too."""
     record = find_record(manifest, component, backend)
     if record is None:
         return ["not built yet"]
@@ -174,7 +179,10 @@ def build_reasons(
     for i in (0, 2):  # the request's min and max shapes must lie in the recorded profile
         shapes = {tensor: shapes[i] for tensor, shapes in profile.items()}
         reasons += [r for r in staleness(record, manifest, None, shapes) if r not in reasons]
-    return reasons + _file_problems(root, record)
+    reasons += _file_problems(root, record)
+    if refittable and not reasons and backend == "trt" and not plan_refittable(resolve(root, record.file)):
+        reasons.append("not refittable (--refittable)")
+    return reasons
 
 
 def _file_problems(root: Path, record: EngineRecord) -> list[str]:
@@ -209,7 +217,7 @@ def _build_plan(root, manifest, name, profile, request: BuildRequest, system: Sy
     source = resolve(root, source_onnx(manifest, name))
     if manifest.components[name].onnx_fp16 is None and manifest.components[name].kind != "vae_decoder":
         log.warning("%s: the package has no fp16 graph (exported with --precision fp32); building fp32", name)
-    build_plan(source, resolve(root, file), profile, request.opt_level, cache, name)
+    build_plan(source, resolve(root, file), profile, request.opt_level, cache, name, request.refittable)
     return make_record(root, manifest, name, "trt", file, profile=profile, system=system,
                        opt_level=request.opt_level)
 

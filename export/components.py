@@ -1,4 +1,4 @@
-"""Export one component: load it, trace its fp32 (and fp16) graph, check each against PyTorch.
+"""Export one component: load it, trace its fp32 and/or fp16 graph, check each against PyTorch.
 
 Memory is bounded by one component (docs/export-scale.md): a :class:`LazyModule` is loaded here
 and freed on return, converted to fp16 in place rather than copied, and freed before its graphs
@@ -13,7 +13,7 @@ import gc
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,9 +87,11 @@ def _load(name: str, source: torch.nn.Module | LazyModule) -> tuple[torch.nn.Mod
 
 
 def _component(name: str, kind: str, work: Path, written: dict, tokenizer=None) -> Component:
-    onnx_rel, errors = written["fp32"]
+    """The manifest entry of ``written`` graphs; its inputs and outputs are the fp32 graph's, else
+    the fp16 graph's (the runtime feeds both the same, casting conditioning to the graph's dtype)."""
+    onnx_rel, errors = written.get("fp32", (None, {}))
     onnx_fp16, errors_fp16 = written.get("fp16", (None, {}))
-    inputs, outputs = tensor_info(work / onnx_rel)
+    inputs, outputs = tensor_info(work / (onnx_rel or onnx_fp16))
 
     def infos(items: list[dict]) -> tuple[TensorInfo, ...]:
         return tuple(TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
@@ -99,8 +101,9 @@ def _component(name: str, kind: str, work: Path, written: dict, tokenizer=None) 
 
 @dataclass
 class _Graph:
-    """One component's graph to export: the fp32 module, trace and check inputs, and for its fp16
-    version the inputs it takes in half precision (``fp32_io``: keep input and output fp32)."""
+    """One component's graphs to export: the fp32 module, trace and check inputs, the precisions
+    to write (``fp32``, ``fp16``) and for the fp16 graph the inputs it takes in half precision
+    (``fp32_io``: keep input and output fp32)."""
 
     name: str
     module: torch.nn.Module | None  # None once exported (owned modules are freed before the checks)
@@ -109,28 +112,34 @@ class _Graph:
     check: dict[str, torch.Tensor]
     outputs: list[str]
     axes: dict[str, Any]
-    fp16: bool
+    precisions: Collection[str]
     half_inputs: Sequence[str] = ()
     fp32_io: bool = False
 
 
 def _export_graph(job: _Graph, work: Path) -> tuple[list[str], dict[str, tuple[str, dict[str, float]]]]:
-    """Export ``job.module`` to ``<name>/model.onnx`` and, with ``job.fp16``, its half-precision
-    version to ``<name>/model_fp16.onnx``, then check each file against the fp32 module's outputs.
+    """Export ``job.module`` to ``<name>/model.onnx`` (with ``fp32`` in ``job.precisions``) and its
+    half-precision version to ``<name>/model_fp16.onnx`` (with ``fp16``), then check each file
+    against the fp32 module's outputs.
 
-    Memory (docs/export-scale.md): the PyTorch references are computed first, an owned module is
-    converted to fp16 in place after the fp32 export (never held in both precisions) and freed
-    after the last export, so ONNX Runtime checks each file with no PyTorch weights resident.
-    Returns the files written and ``{precision: (onnx path, max abs error per output)}``.
+    Memory (docs/export-scale.md): the PyTorch references are computed first (in fp32, also when
+    only the fp16 graph is written), an owned module is converted to fp16 in place after the fp32
+    export (never held in both precisions) and freed after the last export, so ONNX Runtime checks
+    each file with no PyTorch weights resident. Whether the fp32 graph is written does not change
+    the fp16 one. Returns the files written and ``{precision: (onnx path, max abs error per output)}``.
     """
+    assert job.precisions and set(job.precisions) <= {"fp32", "fp16"}, job.precisions
+    fp16 = "fp16" in job.precisions
     started = time.perf_counter()
     reference = run_module(job.module, job.check)
     half_check = _as_half(job.check, job.half_inputs)
-    reference_fp16 = run_module(job.module, _as_float(half_check)) if job.fp16 and job.half_inputs else reference
+    reference_fp16 = run_module(job.module, _as_float(half_check)) if fp16 and job.half_inputs else reference
     log.info("%s: PyTorch reference (%.1f s)", job.name, time.perf_counter() - started)
-    checks = [("fp32", work / job.name / "model.onnx", job.check, reference, TOLERANCE)]
-    traced = [_trace(job.module, job.name, "fp32", job.inputs, job, checks[0][1])]
-    if job.fp16:
+    checks, traced = [], []
+    if "fp32" in job.precisions:
+        checks.append(("fp32", work / job.name / "model.onnx", job.check, reference, TOLERANCE))
+        traced.append(_trace(job.module, job.name, "fp32", job.inputs, job, checks[0][1]))
+    if fp16:
         half = job.module.half() if job.owned else _half_copy(job.module)  # .half() converts in place
         _release_memory()
         path = work / job.name / "model_fp16.onnx"
@@ -166,7 +175,7 @@ def _trace(module: torch.nn.Module, name: str, precision: str, inputs: dict[str,
     return scratch
 
 
-def export_text_encoder(enc: TextEncoderSource, work: Path, fp16: bool):
+def export_text_encoder(enc: TextEncoderSource, work: Path, precisions: Collection[str]):
     started = time.perf_counter()
     max_length = int(enc.tokenizer.model_max_length)
     vocab = int(enc.model.config.vocab_size)
@@ -177,7 +186,7 @@ def export_text_encoder(enc: TextEncoderSource, work: Path, fp16: bool):
     model, owned = _load(enc.name, enc.model)
     graph = TextEncoderGraph(model, enc.hidden_layer, enc.pooled, enc.mask_pad_id).eval()
     del model
-    job = _Graph(enc.name, graph, owned, ids, check, outputs, axes, fp16)  # fp16 graph: fp16 outputs
+    job = _Graph(enc.name, graph, owned, ids, check, outputs, axes, precisions)  # fp16 graph: fp16 outputs
     del graph
     written, graphs = _export_graph(job, work)
     del job
@@ -234,7 +243,8 @@ def _hidden_width(enc: TextEncoderSource) -> int:
     return int(enc.model.config.hidden_size)
 
 
-def export_expert(expert: ExpertSource, sources: ModelSources, work: Path, latent: tuple[int, int], fp16: bool):
+def export_expert(expert: ExpertSource, sources: ModelSources, work: Path, latent: tuple[int, int],
+                  precisions: Collection[str]):
     started = time.perf_counter()
     _, size = latent
     name = f"expert_{expert.name}"
@@ -247,7 +257,7 @@ def export_expert(expert: ExpertSource, sources: ModelSources, work: Path, laten
     graph = FusedStepGraph(unet, added_conditioning=added, patch=expert.patch).eval()
     del unet
     # the fp16 step keeps x, D and the sampler update in fp32 (FusedStepGraph)
-    job = _Graph(name, graph, owned, inputs, check, ["next_sample", "denoised"], axes, fp16, CONDITIONING)
+    job = _Graph(name, graph, owned, inputs, check, ["next_sample", "denoised"], axes, precisions, CONDITIONING)
     del graph
     written, graphs = _export_graph(job, work)
     del job
@@ -257,7 +267,8 @@ def export_expert(expert: ExpertSource, sources: ModelSources, work: Path, laten
     return comp, written
 
 
-def export_decoder(vae: torch.nn.Module | LazyModule, work: Path, latent: tuple[int, int], fp16: bool):
+def export_decoder(vae: torch.nn.Module | LazyModule, work: Path, latent: tuple[int, int],
+                   precisions: Collection[str]):
     started = time.perf_counter()
     channels, size = latent
     g = torch.Generator().manual_seed(2)
@@ -267,7 +278,7 @@ def export_decoder(vae: torch.nn.Module | LazyModule, work: Path, latent: tuple[
     module, owned = _load("vae_decoder", vae)
     graph = DecoderGraph(module).eval()
     del module
-    job = _Graph("vae_decoder", graph, owned, inputs, check, ["image"], axes, fp16, fp32_io=True)
+    job = _Graph("vae_decoder", graph, owned, inputs, check, ["image"], axes, precisions, fp32_io=True)
     del graph
     written, graphs = _export_graph(job, work)
     del job

@@ -277,12 +277,13 @@ def add_cpu_graphs(root: Path, manifest: Manifest) -> Manifest:
     """Write ``<component>/model_cpu.onnx`` for every expert step and decoder of the package
     in ``root`` whose fp32 graph has attention to fuse; returns the manifest that lists them
     (``Component.onnx_cpu``, which ``ort-cpu`` loads instead of ``onnx``). A graph that cannot
-    be fused or fails its check gets no CPU graph (logged), not a failed export."""
+    be fused or fails its check gets no CPU graph (logged), not a failed export. Components
+    without an fp32 graph (exported for cuda only) are left as they are."""
     latent = manifest.size_multiple // manifest.latent_scale
     dims = {"batch": 1, "cond_batch": 2, "latent_height": latent, "latent_width": 2 * latent}
     components, files = dict(manifest.components), list(manifest.files)
     for name, comp in manifest.components.items():
-        if comp.kind not in CPU_KINDS:
+        if comp.kind not in CPU_KINDS or comp.onnx is None:
             continue
         rel = str(Path(comp.onnx).with_name("model_cpu.onnx"))
         started = time.perf_counter()

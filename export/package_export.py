@@ -8,44 +8,98 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import artrt
 from artrt.errors import InputError, OutputError
-from artrt.runtime.arguments import check_float, check_steps, check_switch
+from artrt.runtime.arguments import check_guidance, check_steps, check_switch
 from artrt.runtime.package import (
     FORMAT_NAME,
     MANIFEST_NAME,
+    PRECISIONS,
+    TARGETS,
     Component,
     Defaults,
     Expert,
     Manifest,
     TokenizerInfo,
     file_record,
+    graph_sizes,
     write_manifest,
 )
+from artrt.runtime.video import WAN_FAMILY
 
 from .components import export_decoder, export_expert, export_text_encoder, latent_shape
 from .cpu_optimize import add_cpu_graphs
 from .sources import ModelSources
+from .wan_package import DEFAULT_GUIDANCE, default_switch, write_wan_graphs
+from .wan_package import DEFAULT_SIZE as WAN_DEFAULT_SIZE
 from .weights import LazyModule, check_memory, weight_bytes
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16")
+
+@dataclass(frozen=True)
+class GraphChoice:
+    """Which graphs a package holds, from the export's ``targets`` and ``precision`` (checked by
+    :func:`check_graphs`). ``precision`` is that of the graphs written for the cuda target."""
+
+    targets: tuple[str, ...]
+    precision: str
+    fp16_vae: bool
+
+    def precisions(self, kind: str) -> tuple[str, ...]:
+        """The graphs a component of ``kind`` gets: ``fp16`` (``model_fp16.onnx``) for the cuda
+        target at fp16 or both (the VAE decoder only with ``fp16_vae``); ``fp32`` (``model.onnx``)
+        for the cpu target, for cuda at fp32 or both, and for a cuda decoder that has no fp16 graph."""
+        cuda = "cuda" in self.targets
+        fp16 = cuda and self.precision != "fp32" and (kind != "vae_decoder" or self.fp16_vae)
+        fp32 = "cpu" in self.targets or self.precision != "fp16" or not fp16
+        return tuple(p for p, wanted in (("fp32", fp32), ("fp16", fp16)) if wanted)
+
+    @property
+    def cpu(self) -> bool:
+        """Whether CPU-optimized graphs (``model_cpu.onnx``) are written."""
+        return "cpu" in self.targets
+
+
+def check_graphs(targets: Sequence[str] | str = TARGETS, precision: str | None = None,
+                 fp16_vae: bool = False) -> GraphChoice:
+    """Validate the graph choice of an export (``targets``: a sequence or comma-separated text);
+    refuses with one :class:`InputError` line. ``precision`` None: fp16 for the cuda target."""
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        raise InputError(f"unknown target(s) {', '.join(map(repr, unknown)) or 'none given'}; "
+                         f"--targets is a comma-separated subset of {','.join(TARGETS)}")
+    chosen = tuple(t for t in TARGETS if t in names)
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if "cuda" not in chosen and precision in ("fp16", "both"):
+        raise InputError("--precision applies to the cuda target's graphs; --targets cpu writes fp32 graphs only")
+    choice = GraphChoice(chosen, precision or ("fp16" if "cuda" in chosen else "fp32"), bool(fp16_vae))
+    if fp16_vae and "fp16" not in choice.precisions("vae_decoder"):
+        raise InputError("--fp16-vae needs fp16 graphs: --targets with cuda and --precision fp16 or both")
+    return choice
 
 
 def export_package(
-    sources: ModelSources, out: str | Path, switch: float = 0.8, steps: int = 30,
-    guidance: float = 5.0, overwrite: bool = False, precisions: Sequence[str] = PRECISIONS,
-    fp16_vae: bool = False,
+    sources: ModelSources, out: str | Path, switch: float | None = None, steps: int = 30,
+    guidance: float | Sequence[float] | None = None, overwrite: bool = False, targets: Sequence[str] | str = TARGETS,
+    precision: str | None = None, fp16_vae: bool = False,
 ) -> Manifest:
     """Export ``sources`` into the package directory ``out`` and return its manifest.
 
-    Every component gets an fp32 graph (``model.onnx``); with ``"fp16"`` in
-    ``precisions`` the text encoders and experts also get a half-precision graph
-    (``model_fp16.onnx``), and so does the VAE decoder when ``fp16_vae`` says it is
-    fp16-safe (SDXL's original VAE overflows in fp16). The package is assembled in
+    ``targets`` says where the package runs: ``cpu`` (ONNX Runtime CPU) writes every component's
+    fp32 graph (``model.onnx``) and the CPU-optimized graphs (``model_cpu.onnx``); ``cuda`` (the
+    GPU backends, which build engines from them) writes graphs of ``precision``: ``fp16``
+    (default; ``model_fp16.onnx``), ``fp32`` or ``both``. The VAE decoder gets an fp16 graph only
+    when ``fp16_vae`` says it is fp16-safe (SDXL's original VAE overflows in fp16), else the cuda
+    target decodes with its fp32 graph. See :meth:`GraphChoice.precisions`; the default (cpu and
+    cuda, fp16) runs on every backend, ``targets=("cuda",)`` is the lean GPU-only package (about
+    a third of the bytes). The package is assembled in
     ``out.partial`` and renamed into place at the end, so an interrupted export never
     leaves a half-written package behind; a failed one (e.g. a full disk: one
     :class:`OutputError` line) deletes ``out.partial`` and leaves ``out`` as it was. ``out`` is
@@ -53,9 +107,12 @@ def export_package(
     an empty directory. Models that are :class:`LazyModule` (what ``load_*`` return) are loaded
     one at a time, so memory is set by the largest component (docs/export-scale.md).
     """
+    graphs = check_graphs(targets, precision, fp16_vae)
     out = check_output_dir(out, overwrite)
-    fp16 = _check_precisions(precisions, fp16_vae)
-    switch, steps, guidance = check_switch(switch), check_steps(steps), check_float("guidance", guidance)
+    switch, guidance = _family_defaults(sources, switch, guidance)
+    if sources.family == WAN_FAMILY and fp16_vae:
+        raise InputError("the Wan VAE decoder is exported in fp32 (as Wan runs it): drop --fp16-vae")
+    switch, steps = check_switch(switch), check_steps(steps)
     work = _beside(out, ".partial")
     if work.exists():
         log.warning("removing %s, left by an interrupted export", work)
@@ -63,8 +120,8 @@ def export_package(
     work.mkdir(parents=True)
     started = time.perf_counter()
     try:
-        _check_resources(sources, work, fp16, fp16_vae)
-        manifest = _write_package(sources, work, fp16, fp16_vae, switch, steps, guidance)
+        _check_resources(sources, work, graphs)
+        manifest = _write_package(sources, work, graphs, switch, steps, guidance)
     except BaseException as exc:  # out is left as it was; what was written goes (a full disk needs the space)
         shutil.rmtree(work, ignore_errors=True)
         if not isinstance(exc, (OutputError, OSError)):
@@ -73,30 +130,51 @@ def export_package(
         raise OutputError(f"{reason}; the export stopped, removed {work.name} and left {out} as it was: "
                           "make room (or fix the cause) and run it again") from None
     _move_into_place(work, out, overwrite)
-    log.info("package written to %s in %.1f s", out, time.perf_counter() - started)
+    log.info("package written to %s in %.1f s: %.1f MB (--targets %s --precision %s)", out,
+             time.perf_counter() - started, sum(f.size for f in manifest.files) / 1e6,
+             ",".join(graphs.targets), graphs.precision)
+    for name in manifest.components:
+        sizes = graph_sizes(manifest, name)
+        log.info("  %-24s %9.1f MB  %s", name, sum(sizes.values()) / 1e6,
+                 ", ".join(f"{kind} {size / 1e6:.1f} MB" for kind, size in sizes.items()))
     return manifest
 
 
-def _write_package(sources: ModelSources, work: Path, fp16: bool, fp16_vae: bool, switch: float, steps: int,
-                   guidance: float) -> Manifest:
+def _family_defaults(sources: ModelSources, switch: Any, guidance: Any) -> tuple[float, float | list[float]]:
+    """The defaults a package records when the export does not set them: Wan's boundary_ratio from
+    its folder and Wan 2.2's guidance pair; 0.8 and 5.0 for UNet pairs. ``guidance``: one value or one
+    per expert (recorded as a list)."""
+    wan = sources.family == WAN_FAMILY
+    if switch is None:
+        switch = default_switch(sources) if wan else 0.8
+    if guidance is None:
+        guidance = list(DEFAULT_GUIDANCE) if wan else 5.0
+    values = check_guidance(guidance, len(sources.experts))
+    return switch, values[0] if len(set(values)) == 1 else list(values)
+
+
+def _write_package(sources: ModelSources, work: Path, graphs: GraphChoice, switch: float, steps: int,
+                   guidance: float | list[float]) -> Manifest:
     """Export every component into ``work``, one at a time, and write its manifest."""
+    if sources.family == WAN_FAMILY:
+        return _write_wan_package(sources, work, graphs, switch, steps, guidance)
     components: dict[str, Component] = {}
     tokenizers: dict[str, TokenizerInfo] = {}
     files: list[str] = []
     for enc in sources.text_encoders.values():
-        comp, tok, written = export_text_encoder(enc, work, fp16)
+        comp, tok, written = export_text_encoder(enc, work, graphs.precisions("text_encoder"))
         components[comp.name], tokenizers[enc.name] = comp, tok
         files += written
     latent = latent_shape(sources)
     experts = []
     for expert in sources.experts:
-        comp, written = export_expert(expert, sources, work, latent, fp16)
+        comp, written = export_expert(expert, sources, work, latent, graphs.precisions("fused_step"))
         components[comp.name] = comp
         files += written
         experts.append(Expert(expert.name, comp.name, expert.conditioning))
     decoder = None
     if sources.vae is not None:
-        comp, written = export_decoder(sources.vae, work, latent, fp16 and fp16_vae)
+        comp, written = export_decoder(sources.vae, work, latent, graphs.precisions("vae_decoder"))
         components[comp.name], decoder = comp, comp.name
         files += written
     config, patch = sources.experts[0].unet.config, sources.experts[0].patch
@@ -115,31 +193,66 @@ def _write_package(sources: ModelSources, work: Path, fp16: bool, fp16_vae: bool
         files=tuple(file_record(work, f) for f in files),
         source=sources.info,
         artrt_version=artrt.__version__,
+        targets=graphs.targets,
+        precision=graphs.precision,
     )
-    manifest = add_cpu_graphs(work, manifest)  # ort-cpu graphs with fused attention
+    if graphs.cpu:
+        manifest = add_cpu_graphs(work, manifest)  # ort-cpu graphs with fused attention
     write_manifest(work, manifest)
     return manifest
 
 
-def _check_resources(sources: ModelSources, work: Path, fp16: bool, fp16_vae: bool) -> None:
+def _write_wan_package(sources: ModelSources, work: Path, graphs: GraphChoice, switch: float, steps: int,
+                       guidance: float | list[float]) -> Manifest:
+    """The Wan family: UMT5, two flow-step experts, the VAE's first and chunk decoders (wan_package)."""
+    components, experts, layout, files = write_wan_graphs(sources, work, graphs)
+    height, width = WAN_DEFAULT_SIZE
+    manifest = Manifest(
+        family=sources.family,
+        components=components,
+        tokenizers=layout["tokenizers"],
+        schedule=sources.schedule.to_dict(),
+        experts=tuple(experts),
+        defaults=Defaults(steps, guidance, switch, sources.default_sampler, height, width),
+        latent_channels=layout["latent_channels"],
+        latent_scale=sources.latent_scale,
+        size_multiple=layout["size_multiple"],
+        decoder=layout["decoder"],
+        files=tuple(file_record(work, f) for f in files),
+        source=sources.info,
+        artrt_version=artrt.__version__,
+        targets=graphs.targets,
+        precision=graphs.precision,
+    )
+    if graphs.cpu:
+        manifest = add_cpu_graphs(work, manifest)
+    write_manifest(work, manifest)
+    return manifest
+
+
+def _check_resources(sources: ModelSources, work: Path, graphs: GraphChoice) -> None:
     """Refuse, before loading anything, an export that cannot fit: the largest component's fp32
-    weights in memory (:func:`check_memory`; each load checks again), and on the disk of ``work``
-    the fp32 weights of every component, half of that again for fp16 graphs and the exporter's
-    scratch copies of the largest component's two graphs (the VAE's encoder, not exported, makes
-    it an overestimate)."""
-    models = [enc.model for enc in sources.text_encoders.values()] + [e.unet for e in sources.experts]
-    sizes = [weight_bytes(m) for m in models]
-    vae = weight_bytes(sources.vae)
-    largest = max([*models, sources.vae], key=weight_bytes)
+    weights in memory (:func:`check_memory`; each load checks again; also when only fp16 graphs
+    are written, since the fp32 module is the reference), and on the disk of ``work`` the graphs
+    chosen (fp32 weights for an fp32 graph, half of that for an fp16 one) and the exporter's scratch
+    copies of the largest component's graphs (the VAE's encoder, not exported, makes it an
+    overestimate)."""
+    models = [(enc.model, "text_encoder") for enc in sources.text_encoders.values()]
+    models += [(e.unet, "fused_step") for e in sources.experts] + [(sources.vae, "vae_decoder")]
+    sizes = [weight_bytes(m) for m, _ in models]
+    largest = max((m for m, _ in models), key=weight_bytes)
     if isinstance(largest, LazyModule):
         check_memory(str(largest.folder), largest.fp32_bytes)
-    need = sum(sizes) * (1.5 if fp16 else 1) + vae * (1.5 if fp16_vae else 1) + 1.5 * max([*sizes, vae])
+    written = [size * sum({"fp32": 1.0, "fp16": 0.5}[p] for p in graphs.precisions(kind))
+               for size, (_, kind) in zip(sizes, models)]
+    need = sum(written) + max(written)
     free = shutil.disk_usage(work).free
     if need > free:
         raise OutputError(f"the package needs about {need / 1e9:.1f} GB of disk while it is written, "
                           f"{free / 1e9:.1f} GB are free in {work.parent}")
-    log.info("exporting %d components (%.2f GB of fp32 weights, the largest %.2f GB)",
-             len(sizes) + (sources.vae is not None), (sum(sizes) + vae) / 1e9, max([*sizes, vae]) / 1e9)
+    log.info("exporting %d components (%.2f GB of fp32 weights, the largest %.2f GB) for --targets %s "
+             "--precision %s", len(sizes) - (sources.vae is None), sum(sizes) / 1e9, max(sizes) / 1e9,
+             ",".join(graphs.targets), graphs.precision)
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
@@ -222,16 +335,4 @@ def _move_into_place(work: Path, out: Path, overwrite: bool) -> None:
             log.warning("could not delete the replaced package %s; delete it yourself", old)
 
 
-def _check_precisions(precisions: Sequence[str], fp16_vae: bool) -> bool:
-    """Validate ``precisions``; returns whether fp16 graphs are wanted."""
-    unknown = sorted(set(precisions) - set(PRECISIONS))
-    if unknown:
-        raise InputError(f"unknown precision(s) {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
-    if "fp32" not in precisions:
-        raise InputError("fp32 graphs are always exported (ORT CPU runs them): use --precision fp32 [fp16]")
-    if fp16_vae and "fp16" not in precisions:
-        raise InputError("--fp16-vae needs fp16 in --precision")
-    return "fp16" in precisions
-
-
-__all__ = ["check_output_dir", "export_package"]
+__all__ = ["GraphChoice", "check_graphs", "check_output_dir", "export_package"]

@@ -143,7 +143,7 @@ def export_demo(out: Path, weights: Path = WEIGHTS, overwrite: bool = False, lea
     if not lean:
         return export_package(
             load_demo_sources(weights), out, switch=defaults["switch"], steps=defaults["steps"],
-            guidance=defaults["guidance"], overwrite=overwrite, precisions=("fp32",),
+            guidance=defaults["guidance"], overwrite=overwrite, targets=("cpu",),
         )
     import shutil
 

@@ -46,11 +46,13 @@ def tensorrt_version() -> str:
 
 def build_plan(
     onnx: Path, dst: Path, profile: Mapping[str, tuple[Shape, Shape, Shape]], opt_level: int = 3,
-    timing_cache: Path | None = None, name: str = "",
+    timing_cache: Path | None = None, name: str = "", refittable: bool = False,
 ) -> None:
     """Parse ``onnx`` into a strongly typed network, build it for one optimization profile
     (input -> (min, opt, max)) and write the plan to ``dst`` atomically. The timing cache
-    file, when given, is read first and updated after a successful build."""
+    file, when given, is read first and updated after a successful build. ``refittable``:
+    every weight may be replaced later (``BuilderFlag.REFIT``; LoRA refits them by their
+    ONNX initializer names, ``engines.trt.TrtEngine.set_weights``)."""
     trt = import_tensorrt()
     name = name or onnx.stem
     logger = _logger(trt, name)
@@ -61,6 +63,8 @@ def build_plan(
         raise BuildError(f"{name}: TensorRT cannot parse {onnx}: {parser_errors(parser)}")
     config = builder.create_builder_config()
     config.builder_optimization_level = int(opt_level)
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
     _add_profile(builder, config, network, profile, name)
     monitor = _progress_monitor(trt, name)  # must outlive the build
     if monitor is not None:
@@ -76,6 +80,14 @@ def build_plan(
     write_atomic(dst, memoryview(plan))
     if timing_cache is not None:
         save_timing_cache(config, timing_cache)
+
+
+def plan_refittable(plan: Path) -> bool:
+    """Whether the TensorRT plan at ``plan`` was built refittable (False when this TensorRT cannot load it)."""
+    trt = import_tensorrt()
+    runtime = trt.Runtime(_logger(trt, plan.stem))
+    engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+    return engine is not None and bool(engine.refittable)
 
 
 def parser_errors(parser: Any) -> str:

@@ -30,7 +30,7 @@ export (``aten::_upsample_nearest_exact2d``), for plain ``nearest`` ones (equal 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,27 +39,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from artrt.runtime.video import (  # noqa: F401  (decode_frames: the runtime's loop, re-exported for tests)
+    FRAMES_PER_CHUNK,
+    LATENTS,
+    VIDEO,
+    Runner,
+    cache_name,
+    decode_frames,
+    next_cache_name,
+)
+
 from .onnx_io import check_onnx, export_onnx
 
 CACHE_T = 2  # frames per cache (diffusers' CACHE_T)
-LATENTS = "latents"
-VIDEO = "video"
 FIRST = "decoder_first"
 CHUNK = "decoder_chunk"
-FRAMES_PER_CHUNK = 4  # video frames per latent frame after the first (the VAE's temporal factor)
 TOLERANCE = 1e-4  # max abs error of fp32 ONNX vs PyTorch (the video is in [-1, 1])
 LATENT_AXES = {0: "batch", 3: "latent_height", 4: "latent_width"}
 VIDEO_AXES = {0: "batch", 3: "height", 4: "width"}
-
-
-def cache_name(k: int) -> str:
-    """Name of cache ``k`` as an input of ``decoder_chunk``."""
-    return f"cache_{k:02d}"
-
-
-def next_cache_name(k: int) -> str:
-    """Name of cache ``k`` as an output of both graphs."""
-    return f"next_cache_{k:02d}"
 
 
 # --- export preparation ---------------------------------------------------------------------------
@@ -337,33 +334,6 @@ def export_wan_decoder(vae: nn.Module, out_dir: str | Path, trace_size: tuple[in
 
 
 # --- the runtime's decode loop (executable specification) -----------------------------------------
-
-Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
-
-
-def decode_frames(run_first: Runner, run_chunk: Runner, latents: np.ndarray) -> np.ndarray:
-    """Decode sampler latents ``[B, 16, F, h, w]`` into a video ``[B, 3, 1 + 4(F − 1), 8h, 8w]`` in
-    [-1, 1], one latent frame per call: ``decoder_first`` on frame 0, then ``decoder_chunk`` on each
-    later frame with the previous call's ``next_cache_k`` bound as ``cache_k``.
-
-    ``run_first``/``run_chunk`` take named inputs and return named outputs (for example
-    :func:`ort_runner`). This is what ``WanPipeline`` gets from ``vae.decode`` after its
-    de-normalisation, before ``postprocess_video`` (``video / 2 + 0.5``, clamped to [0, 1])."""
-    latents = np.asarray(latents)
-    if latents.ndim != 5 or latents.shape[2] < 1:
-        raise ValueError(f"latents must be [B, C, F >= 1, h, w], got {latents.shape}")
-    out = run_first({LATENTS: np.ascontiguousarray(latents[:, :, :1])})
-    frames = [out[VIDEO]]
-    n = sum(1 for name in out if name.startswith("next_cache_"))
-    caches = [out[next_cache_name(k)] for k in range(n)]
-    for f in range(1, latents.shape[2]):
-        feeds = {LATENTS: np.ascontiguousarray(latents[:, :, f:f + 1])}
-        feeds.update({cache_name(k): caches[k] for k in range(n)})
-        out = run_chunk(feeds)
-        frames.append(out[VIDEO])
-        caches = [out[next_cache_name(k)] for k in range(n)]
-    return np.concatenate(frames, axis=2)
-
 
 def ort_runner(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Runner:
     """A :data:`Runner` over an ONNX Runtime session of ``path``: named inputs → named outputs."""

@@ -8,7 +8,8 @@ from typing import Any
 
 from artrt.errors import ArtrtError, ConfigError, EngineError, InputError, PackageError
 
-__all__ = ["ArtrtError", "ConfigError", "EngineError", "GenerationResult", "InputError", "PackageError", "Pipeline"]
+__all__ = ["ArtrtError", "ConfigError", "EngineError", "GenerationResult", "InputError", "Lora", "PackageError",
+           "Pipeline"]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,4 +17,8 @@ def __getattr__(name: str) -> Any:
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name == "Lora":
+        from .lora import Lora
+
+        return Lora
     raise AttributeError(f"module 'artrt.runtime' has no attribute {name!r}")

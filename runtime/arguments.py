@@ -8,11 +8,10 @@ no negative prompt, as in diffusers). Everything else raises :class:`InputError`
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -22,36 +21,14 @@ from artrt.engines import BACKENDS
 from artrt.errors import InputError
 
 from .budget import check_fits, request_cost
+from .checks import check_float, check_int, check_steps, check_switch
+from .flow import FlowSampler
 from .package import Manifest
 from .schedules import Sampler
+from .video import FRAMES_PER_CHUNK, MAX_FRAMES, WAN_FAMILY, is_flow, latent_frames, makes_video
 
-MAX_STEPS = 1000  # one step per training timestep at most
 MAX_SEED = 2**63 - 1
 MAX_SIDE = 16384  # pixels; the memory estimate refuses most sizes far below this
-
-
-def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    """``value`` as an int in ``[minimum, maximum]``; bools, floats and strings are refused."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise InputError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if value < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise InputError(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def check_float(name: str, value: Any, minimum: float | None = None, maximum: float | None = None) -> float:
-    """``value`` as a finite float in ``[minimum, maximum]``; bools and strings are refused."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise InputError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise InputError(f"{name} must be finite, got {value}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise InputError(f"{name} must be in [{minimum:g}, {maximum:g}], got {value:g}")
-    return value
 
 
 def check_guidance(value: Any, experts: int) -> tuple[float, ...]:
@@ -89,20 +66,31 @@ def check_memory_mode(mode: Any) -> str:
     return str(mode)
 
 
-def check_switch(value: Any) -> float:
-    """The fraction of the schedule the composition expert runs, in [0, 1]."""
-    return check_float("switch", value, 0.0, 1.0)
-
-
-def check_steps(value: Any) -> int:
-    return check_int("steps", value, 1, MAX_STEPS)
-
-
 def check_side(name: str, value: Any, multiple: int) -> int:
     value = check_int(name, value, 1, MAX_SIDE)
     if value % multiple:
         raise InputError(f"{name} {value} must be a positive multiple of {multiple} for this model")
     return value
+
+
+def check_frames(value: Any, m: Manifest) -> int:
+    """``num_frames`` for package ``m``: 1 for image packages; 4k + 1 for video packages."""
+    frames = check_int("num_frames", value, 1, MAX_FRAMES)
+    if frames == 1:
+        return frames
+    if not makes_video(m):
+        what = "its VAE's chunk decoder is missing" if is_flow(m) else f"family {m.family} makes images"
+        raise InputError(f"this package makes single images ({what}); num_frames must be 1, got {frames}")
+    if (frames - 1) % FRAMES_PER_CHUNK:
+        low = frames - (frames - 1) % FRAMES_PER_CHUNK
+        raise InputError(f"num_frames must be 4k+1 (1, 5, 9, 13, ...): the VAE makes 4 frames per latent frame "
+                         f"after the first; got {frames} (try {low} or {low + FRAMES_PER_CHUNK})")
+    return frames
+
+
+def parse_sampler(family: str, name: Any) -> Sampler | FlowSampler:
+    """A sampler name of package family ``family``: flow samplers for Wan, the others for UNet pairs."""
+    return (FlowSampler if family == WAN_FAMILY else Sampler).parse(name)
 
 
 @dataclass(frozen=True)
@@ -114,19 +102,23 @@ class GenerationArguments:
     steps: int
     guidance: tuple[float, ...]
     switch: float
-    sampler: Sampler
+    sampler: Sampler | FlowSampler
     seed: int
     height: int
     width: int
     num_images: int
+    num_frames: int = 1
 
     @classmethod
     def check(
         cls, m: Manifest, prompt: Any, negative_prompt: Any = None, steps: Any = None, guidance: Any = None,
         switch: Any = None, sampler: Any = None, seed: Any = None, height: Any = None, width: Any = None,
-        num_images: Any = 1,
+        num_images: Any = 1, num_frames: Any = 1,
     ) -> GenerationArguments:
-        """Check every argument (None: the package default) and return them validated."""
+        """Check every argument (None: the package default) and return them validated. Samplers are
+        per family (:class:`Sampler` for UNet pairs, :class:`FlowSampler` for Wan); ``switch`` is the
+        composition expert's fraction of the schedule for UNet pairs and Wan's ``boundary_ratio``
+        for Wan packages (docs/package-format.md, "Switch semantics")."""
         d = m.defaults
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -141,22 +133,29 @@ class GenerationArguments:
             steps=check_steps(_or(steps, d.steps)),
             guidance=check_guidance(_or(guidance, d.guidance), len(m.experts)),
             switch=check_switch(_or(switch, d.switch)),
-            sampler=Sampler.parse(_or(sampler, d.sampler)),
+            sampler=parse_sampler(m.family, _or(sampler, d.sampler)),
             seed=check_seed(seed),
             height=check_side("height", _or(height, d.height), m.size_multiple),
             width=check_side("width", _or(width, d.width), m.size_multiple),
             num_images=check_int("num_images", num_images, 1),
+            num_frames=check_frames(num_frames, m),
         )
 
     def check_memory(self, m: Manifest) -> None:
         """Refuse (:class:`InputError`) a request whose estimated memory this machine does not have."""
-        cost = request_cost(self.latent_shape(m), self.height, self.width, self.steps, self.sampler.draws_noise)
-        check_fits(cost, f"{self.num_images} image(s) of {self.width}x{self.height}")
+        cost = request_cost(self.latent_shape(m), self.height, self.width, self.steps, self.sampler.draws_noise,
+                            frames=self.num_frames)
+        frames = f" of {self.num_frames} frames" if self.num_frames > 1 else ""
+        check_fits(cost, f"{self.num_images} {'video' if frames else 'image'}(s){frames} of {self.width}x{self.height}")
 
-    def latent_shape(self, m: Manifest) -> tuple[int, int, int, int]:
-        """``[num_images, C, height/s, width/s]`` for this package."""
+    def latent_shape(self, m: Manifest) -> tuple[int, ...]:
+        """``[num_images, C, height/s, width/s]`` for this package; Wan packages have a frame axis:
+        ``[num_images, C, (num_frames − 1)/4 + 1, height/s, width/s]``."""
         s = m.latent_scale
-        return (self.num_images, m.latent_channels, self.height // s, self.width // s)
+        size = (self.height // s, self.width // s)
+        if is_flow(m):
+            return (self.num_images, m.latent_channels, latent_frames(self.num_frames), *size)
+        return (self.num_images, m.latent_channels, *size)
 
     def record(self, m: Manifest) -> dict[str, Any]:
         """The parameters that reproduce the images (stored in PNGs and sample metadata)."""
@@ -164,6 +163,7 @@ class GenerationArguments:
             "prompt": self.prompt, "negative_prompt": self.negative_prompt, "steps": self.steps,
             "guidance": list(self.guidance), "switch": self.switch, "sampler": self.sampler.value,
             "seed": self.seed, "height": self.height, "width": self.width, "num_images": self.num_images,
+            **({"num_frames": self.num_frames} if is_flow(m) else {}),
             "family": m.family, "artrt_version": artrt.__version__,
         }
 

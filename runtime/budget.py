@@ -18,6 +18,7 @@ from pathlib import Path
 
 from artrt.errors import InputError
 
+from .engine_records import check_cpu_graphs
 from .package import Manifest, graph_bytes
 
 ACTIVATION_BYTES_PER_PIXEL = 4096
@@ -39,9 +40,11 @@ class RequestCost:
 
 
 def request_cost(
-    latent_shape: tuple[int, ...], height: int, width: int, steps: int, noisy: bool, noise_images: int | None = None
+    latent_shape: tuple[int, ...], height: int, width: int, steps: int, noisy: bool, noise_images: int | None = None,
+    frames: int = 1,
 ) -> RequestCost:
-    """The cost of one engine batch of ``latent_shape[0]`` images of ``height`` x ``width``.
+    """The cost of one engine batch of ``latent_shape[0]`` images (videos of ``frames`` frames) of
+    ``height`` x ``width``.
 
     ``noisy``: the sampler draws fresh noise every step (a ``[steps, *latent_shape]`` table).
     ``noise_images``: rows of initial noise drawn for the request when more than the batch
@@ -55,8 +58,9 @@ def request_cost(
     buffers = latents * 8 + per_image * max(noise_images or 0, batch)  # 2 samples, 2 denoised, noise, step, read
     if noisy:
         buffers += latents * steps
-    pixels = batch * height * width * 3 * (4 + 2)  # float32 decoder output, uint8 array and PIL image
-    activations = batch * height * width * ACTIVATION_BYTES_PER_PIXEL
+    pixels = batch * frames * height * width * 3 * (4 + 2)  # float32 decoder output, uint8 array and PIL image
+    # a video decoder makes up to 4 frames per call (docs/wan-design.md) and carries its caches
+    activations = batch * min(frames, 4) * height * width * ACTIVATION_BYTES_PER_PIXEL
     return RequestCost(buffers, pixels, activations)
 
 
@@ -88,16 +92,19 @@ def check_fits(cost: RequestCost, what: str, available: int | None = None) -> No
 
 
 def weight_bytes(manifest: Manifest, component: str) -> int:
-    """Bytes of the graph ONNX Runtime CPU loads for ``component``, external data included."""
-    comp = manifest.components[component]
-    return graph_bytes(manifest, comp.onnx_cpu or comp.onnx)
+    """Bytes of the graph ONNX Runtime CPU loads for ``component``, external data included
+    (0 when the package has no CPU graph for it: exported with ``--targets cuda``)."""
+    graph = manifest.components[component].cpu_graph
+    return 0 if graph is None else graph_bytes(manifest, graph)
 
 
 def check_load_fits(root: Path, manifest: Manifest, backend: str, memory: str, available: int | None = None) -> None:
-    """Refuse, before loading, a package whose CPU graphs cannot fit in the memory left: all of them
+    """Refuse, before loading, a package that ``ort-cpu`` cannot run: one without CPU graphs
+    (:func:`check_cpu_graphs`), or whose CPU graphs cannot fit in the memory left: all of them
     in the default mode, the largest one with ``memory="low"`` (GPU backends hold weights on the device)."""
     if backend != "ort-cpu":
         return
+    check_cpu_graphs(root, manifest)
     sizes = {name: weight_bytes(manifest, name) for name in manifest.components}
     need = sum(sizes.values()) if memory == "default" else max(sizes.values(), default=0)
     available = available_memory() if available is None else available

@@ -6,7 +6,8 @@ expert engines once. The per-step scalars and, for ancestral samplers, the per-s
 noise are written as whole tables before the loop; a step copies its row into the
 bound ``step`` (and ``noise``) buffer and runs. Latents and denoised estimates
 ping-pong between two buffers each, so no step allocates and, on a GPU, no step
-synchronises with the host.
+synchronises with the host. Flow-matching steps (the Wan family, :mod:`artrt.runtime.flow`)
+carry a third pair, the corrected sample, and read 13 scalars per step instead of 9.
 
 With engines that allow it (:attr:`Engine.captures_loop`, TensorRT) and device memory,
 the whole loop is captured into one CUDA graph per expert plan and replayed as a single
@@ -27,6 +28,7 @@ from artrt.engines import Engine
 from artrt.errors import EngineError
 
 from .experts import Segment
+from .flow import FLOW_STEP_SCALARS
 from .samplers import STEP_SCALARS
 
 _D_COLUMN = STEP_SCALARS.index("d")
@@ -68,21 +70,42 @@ class CapturedLoop:
     marks: list[tuple[str, Any, Any]]
 
 
+@dataclass
+class LoopState:
+    """Where a loop stands between two steps (host arrays): the latents, the last denoised
+    estimate and, for flow steps, the last corrected sample (None for the others)."""
+
+    sample: np.ndarray
+    denoised: np.ndarray
+    corrected: np.ndarray | None = None
+
+    @classmethod
+    def start(cls, sample: np.ndarray, flow: bool) -> LoopState:
+        """The state before step 0: no history yet (zeros; device memory is not zeroed, and a
+        coefficient of 0 times NaN left in a buffer would still be NaN)."""
+        return cls(sample, np.zeros_like(sample), np.zeros_like(sample) if flow else None)
+
+
 class LoopBuffers:
-    """Latent, noise, scalar-table and conditioning buffers for one ``(B, C, h, w)`` shape.
+    """Latent, noise, scalar-table and conditioning buffers for one latent shape (``(B, C, h, w)``,
+    or ``(B, C, F, h, w)`` for video). ``flow``: the steps are flow-matching ones
+    (:data:`FLOW_STEP_SCALARS`), which also read the previous corrected sample (``sample_prev``)
+    and write the new one (``corrected``): a third ping-pong pair.
 
     Not thread-safe: one loop at a time writes the tables and the ping-pong buffers
     (``Pipeline`` serialises its calls with its lock).
     """
 
-    def __init__(self, shape: tuple[int, int, int, int], memory: Any = None) -> None:
+    def __init__(self, shape: tuple[int, ...], memory: Any = None, flow: bool = False) -> None:
         self.shape = shape
+        self.flow = flow
         self.memory = memory or HostMemory()
         empty = self.memory.empty
         self.samples = [empty(shape, np.float32), empty(shape, np.float32)]
         self.denoised = [empty(shape, np.float32), empty(shape, np.float32)]
+        self.corrected = [empty(shape, np.float32), empty(shape, np.float32)] if flow else []
         self.noise = empty(shape, np.float32)
-        self.step = empty((len(STEP_SCALARS),), np.float32)
+        self.step = empty((len(FLOW_STEP_SCALARS if flow else STEP_SCALARS),), np.float32)
         self.tables: dict[str, Any] = {}
         self.conditioning: dict[str, dict[str, Any]] = {}
         self._bindings: dict[tuple[str, int], Any] = {}
@@ -93,7 +116,7 @@ class LoopBuffers:
     def release(self) -> None:
         """Free device memory and captured graphs now (host arrays are left to the GC)."""
         self.drop_graphs()
-        arrays = [*self.samples, *self.denoised, self.noise, self.step, *self.tables.values()]
+        arrays = [*self.samples, *self.denoised, *self.corrected, self.noise, self.step, *self.tables.values()]
         arrays += [a for feeds in self.conditioning.values() for a in feeds.values()]
         for array in arrays:
             if hasattr(array, "free"):
@@ -149,6 +172,9 @@ class LoopBuffers:
                 **self.conditioning[expert],
             }
             outputs = {"next_sample": self.samples[1 - parity], "denoised": self.denoised[1 - parity]}
+            if self.flow:
+                inputs["sample_prev"] = self.corrected[parity]
+                outputs["corrected"] = self.corrected[1 - parity]
             self._bindings[key] = engine.bind(inputs, outputs)
         return self._bindings[key]
 
@@ -156,7 +182,7 @@ class LoopBuffers:
 def step_tables(
     scalars: np.ndarray, segments: Sequence[Segment], shape: tuple[int, ...], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The ``[steps, 9]`` scalar table with each segment's guidance, and the per-step noise
+    """The ``[steps, 9]`` (flow: ``[steps, 13]``) scalar table with each segment's guidance, and the per-step noise
     ``[steps, *shape]`` when a step has ``d != 0`` (drawn in step order from ``rng``)."""
     table = np.array(scalars, dtype=np.float32, copy=True)
     for segment in segments:
@@ -243,24 +269,31 @@ def start_loop(
 ) -> bool:
     """Write the step tables and the initial latents (parity 0); returns whether steps add noise."""
     table, noise = step_tables(scalars, segments, buffers.shape, rng)
-    load_state(buffers, table, noise, initial, np.zeros(buffers.shape, np.float32))
+    load_state(buffers, table, noise, LoopState.start(initial, buffers.flow))
     return noise is not None
 
 
-def load_state(buffers: LoopBuffers, table: np.ndarray, noise: np.ndarray | None, sample: np.ndarray,
-               denoised: np.ndarray) -> None:
-    """Write a loop's tables and its current latents and denoised estimate into parity 0 (to start
-    it, or to resume it where :func:`read_state` left it)."""
+def load_state(buffers: LoopBuffers, table: np.ndarray, noise: np.ndarray | None, state: LoopState) -> None:
+    """Write a loop's tables and its state into parity 0 (to start it, or to resume it where
+    :func:`read_state` left it: a flow loop resumes with its corrected sample too)."""
+    if table.shape[1] != buffers.step.shape[0]:
+        raise ValueError(f"a step table of {table.shape[1]} columns for a loop of {buffers.step.shape[0]}")
     buffers.table("scalars", table)
     if noise is not None:
         buffers.table("noise", noise)
-    buffers.memory.write(buffers.samples[0], sample)
-    buffers.memory.write(buffers.denoised[0], denoised)
+    buffers.memory.write(buffers.samples[0], state.sample)
+    buffers.memory.write(buffers.denoised[0], state.denoised)
+    if buffers.flow:
+        if state.corrected is None:
+            raise ValueError("a flow loop resumes with its corrected sample")
+        buffers.memory.write(buffers.corrected[0], state.corrected)
 
 
-def read_state(buffers: LoopBuffers, parity: int) -> tuple[np.ndarray, np.ndarray]:
-    """The latents and denoised estimate held at ``parity`` (host copies; synchronises)."""
-    return buffers.memory.read(buffers.samples[parity]), buffers.memory.read(buffers.denoised[parity])
+def read_state(buffers: LoopBuffers, parity: int) -> LoopState:
+    """The state held at ``parity`` (host copies; synchronises)."""
+    read = buffers.memory.read
+    corrected = read(buffers.corrected[parity]) if buffers.flow else None
+    return LoopState(read(buffers.samples[parity]), read(buffers.denoised[parity]), corrected)
 
 
 def finish_loop(buffers: LoopBuffers, parity: int, marks: Sequence[tuple[str, Any, Any]],

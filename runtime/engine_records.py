@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from artrt.errors import PackageError, StaleEngineError
+from artrt.errors import InputError, PackageError, StaleEngineError
 
 from .package import Manifest, engine_files_of, file_record, resolve
 
@@ -101,6 +101,15 @@ def source_onnx(manifest: Manifest, component: str) -> str:
     """The graph GPU backends build from: the fp16 ONNX, else the fp32 one."""
     comp = manifest.components[component]
     return comp.onnx_fp16 or comp.onnx
+
+
+def check_cpu_graphs(root: Path, manifest: Manifest) -> None:
+    """Refuse ``ort-cpu`` for a package with a component it has no graph for (one exported with
+    ``--targets cuda``, whose fp16 graphs only GPU backends run), with one :class:`InputError` line."""
+    missing = [name for name, comp in manifest.components.items() if comp.cpu_graph is None]
+    if missing:
+        raise InputError(f"{root} was exported for cuda only (--targets cuda): no CPU graph for "
+                         f"{', '.join(missing)}; run it on a GPU backend or re-export with --targets cpu")
 
 
 def find_record(manifest: Manifest, component: str, backend: str) -> EngineRecord | None:
@@ -184,14 +193,17 @@ def component_file(
     root: Path, manifest: Manifest, component: str, backend: str, system: SystemInfo | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Path:
-    """The file ``backend`` loads for ``component``: the CPU graph (else fp32 ONNX) on ``ort-cpu``;
-    the fused graph on ``ort-cuda`` (the fp16, else fp32 ONNX when none was built); the plan on
-    ``trt``. A recorded engine that is stale is refused on both GPU backends (never replaced by
-    a slower graph) with :class:`StaleEngineError` naming the file, the reasons and the command."""
+    """The file ``backend`` loads for ``component``: the CPU graph (else fp32 ONNX) on ``ort-cpu``
+    (a package without either is refused by :func:`check_cpu_graphs`); the fused graph on
+    ``ort-cuda`` (the fp16, else fp32 ONNX when none was built); the plan on ``trt``. A recorded
+    engine that is stale is refused on both GPU backends (never replaced by a slower graph) with
+    :class:`StaleEngineError` naming the file, the reasons and the command."""
     root = Path(root)
     if backend == "ort-cpu":
-        comp = manifest.components[component]
-        return resolve(root, comp.onnx_cpu or comp.onnx)
+        graph = manifest.components[component].cpu_graph
+        if graph is None:
+            check_cpu_graphs(root, manifest)  # raises: a package exported for cuda only
+        return resolve(root, graph)
     if backend not in ENGINE_SUFFIX:
         raise ValueError(f"unknown backend {backend!r}")
     record = find_record(manifest, component, backend)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arguments import check_switch
+from .checks import check_switch
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,11 @@ class FlowSampler(str, enum.Enum):
     def parse(cls, name: str | FlowSampler) -> FlowSampler:
         return parse_choice(cls, name, "sampler")
 
+    @property
+    def draws_noise(self) -> bool:
+        """Neither flow sampler adds noise per step."""
+        return False
+
 
 # diffusers keys that never change these samplers' math under flow sigmas.
 _IGNORED_KEYS = frozenset({

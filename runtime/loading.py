@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,8 @@ from typing import Any
 from artrt.engines import BACKENDS, Engine, create_engine, resolve_backend
 from artrt.errors import EngineError, GraphCaptureError
 
-from .engine_records import component_file
-from .package import Manifest
+from .engine_records import component_file, source_onnx
+from .package import Manifest, resolve
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,23 @@ class OpenEngines:
             for watch in self.watchers:
                 watch(name, self.engines[name])
         return self.engines[name]
+
+    def weight_file(self, name: str) -> Path:
+        """The ONNX file whose initializers name the weights of component ``name``'s engine: the file
+        it loads, or for a TensorRT plan the ONNX it was built from."""
+        return Path(self.options[name].get("source") or self.paths[name])
+
+    def set_weights(self, name: str, weights: Mapping[str, Any]) -> None:
+        """Replace initializers of component ``name`` (``{}``: the file's own): an open engine changes
+        now, one opened later (``memory="low"``) gets them when it opens."""
+        if not weights and not self.options[name].get("weights"):
+            return
+        self.options[name]["weights"] = dict(weights)
+        engine = self.engines.get(name)
+        if engine is not None:
+            if not hasattr(engine, "set_weights"):
+                raise EngineError(f"{name}: the {self.backend} engine cannot replace weights")
+            engine.set_weights(weights)  # type: ignore[attr-defined]
 
     def release(self, name: str) -> None:
         """Close one engine (its memory is freed once nothing else refers to it)."""
@@ -122,10 +139,12 @@ def _system_info() -> Any:
 
 def open_engines(
     root: Path, manifest: Manifest, backend: str, threads: int | None = None, cuda_graphs: bool = True,
-    resident: bool = True,
+    resident: bool = True, weights: Callable[[OpenEngines], Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> OpenEngines:
     """Resolve every component's file on ``backend`` (stale engines are refused here) and, when
-    ``resident``, create and activate one engine per component; on failure release what was opened."""
+    ``resident``, create and activate one engine per component; on failure release what was opened.
+    ``weights``: called once the files are known (before any engine opens), it returns the
+    initializers to replace per component (LoRA), which every engine of that component gets."""
     options: dict[str, Any] = {}
     stream = None
     if backend == "ort-cpu":
@@ -143,7 +162,11 @@ def open_engines(
             own = dict(options)
             if backend == "ort-cuda":  # graphs pay off only in the loop, and need every node on the GPU
                 own["cuda_graph"] = cuda_graphs and comp.kind == "fused_step"
+            if backend == "trt":  # refitting a plan (LoRA) reads base weights from its source graph
+                own["source"] = resolve(root, source_onnx(manifest, name))
             opened.options[name] = own
+        for name, values in (weights(opened) if weights is not None else {}).items():
+            opened.options[name]["weights"] = dict(values)
         if resident:
             for name in manifest.components:
                 opened.get(name)

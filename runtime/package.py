@@ -20,6 +20,8 @@ from artrt.files import write_atomic
 MANIFEST_NAME = "artrt.json"
 FORMAT_NAME = "artrt-package"
 FORMAT_VERSION = 1
+TARGETS = ("cpu", "cuda")  # what an export writes graphs for: ort-cpu, or the GPU backends (trt, ort-cuda)
+PRECISIONS = ("fp32", "fp16", "both")  # the precision of the graphs written for the cuda target
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,14 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Component:
-    """One ONNX graph of the package: a text encoder, an expert step or the decoder."""
+    """One network of the package (a text encoder, an expert step or the decoder) and its graphs.
+
+    A package holds what its export's targets chose (docs/package-format.md, "Targets"): the fp32
+    graph ``onnx``, the fp16 graph ``onnx_fp16`` and the CPU-optimized ``onnx_cpu``, at least one."""
 
     name: str
     kind: str  # "text_encoder" | "fused_step" | "vae_decoder"
-    onnx: str  # path relative to the package
+    onnx: str | None  # fp32 graph, path relative to the package (None: exported for cuda in fp16 only)
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     tokenizer: str | None = None  # text encoders: key into Manifest.tokenizers
@@ -48,6 +53,18 @@ class Component:
     # fp32 graph rewritten for ONNX Runtime CPU (fused attention; None: ort-cpu uses ``onnx``)
     onnx_cpu: str | None = None
 
+    @property
+    def cpu_graph(self) -> str | None:
+        """The graph ``ort-cpu`` loads: the CPU-optimized one, else the fp32 one; None when the
+        package has neither (exported with ``--targets cuda``)."""
+        return self.onnx_cpu or self.onnx
+
+    @property
+    def graphs(self) -> dict[str, str]:
+        """The graphs the package holds for this component by kind: ``fp32``, ``fp16``, ``cpu``."""
+        kinds = {"fp32": self.onnx, "fp16": self.onnx_fp16, "cpu": self.onnx_cpu}
+        return {kind: path for kind, path in kinds.items() if path is not None}
+
 
 @dataclass(frozen=True)
 class TokenizerInfo:
@@ -56,6 +73,7 @@ class TokenizerInfo:
     file: str
     max_length: int
     pad_id: int
+    clean: str | None = None  # the pipeline's prompt clean-up before tokenizing ("wan": runtime.text.CLEANERS)
 
 
 @dataclass(frozen=True)
@@ -88,7 +106,7 @@ class Expert:
 @dataclass(frozen=True)
 class Defaults:
     steps: int
-    guidance: float
+    guidance: float | list[float]  # one value, or one per expert
     switch: float
     sampler: str
     height: int
@@ -120,6 +138,9 @@ class Manifest:
     engines: tuple[dict[str, Any], ...] = ()  # built engines, see engine_records.EngineRecord
     source: dict[str, Any] = field(default_factory=dict)
     artrt_version: str = ""
+    # the export's choice of graphs (``--targets``, ``--precision``); empty / None in older packages
+    targets: tuple[str, ...] = ()
+    precision: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -157,6 +178,13 @@ def package_root(path: str | Path) -> Path:
 def graph_bytes(manifest: Manifest, graph: str) -> int:
     """Bytes of the package file ``graph`` and of its external data (``graph.data`` and the like)."""
     return sum(f.size for f in manifest.files if f.path == graph or f.path.startswith(graph + "."))
+
+
+def graph_sizes(manifest: Manifest, component: str) -> dict[str, int]:
+    """Bytes of each graph the package holds for ``component`` (external data included), by kind
+    (``fp32``, ``fp16``, ``cpu``; a CPU graph that shares the fp32 graph's external data counts only
+    its own file)."""
+    return {kind: graph_bytes(manifest, path) for kind, path in manifest.components[component].graphs.items()}
 
 
 def read_manifest(root: str | Path, verify_hashes: bool = True, check_engines: bool = True) -> Manifest:
@@ -241,6 +269,8 @@ def _parse(data: Any) -> Manifest:
         engines=tuple(data.get("engines", ())),
         source=dict(data.get("source", {})),
         artrt_version=str(data.get("artrt_version", "")),
+        targets=tuple(str(t) for t in data.get("targets") or ()),
+        precision=data.get("precision"),
     )
 
 
@@ -252,7 +282,7 @@ def _component(c: dict[str, Any]) -> Component:
     return Component(
         name=c["name"],
         kind=c["kind"],
-        onnx=c["onnx"],
+        onnx=c.get("onnx"),
         inputs=_tensors(c["inputs"]),
         outputs=_tensors(c["outputs"]),
         tokenizer=c.get("tokenizer"),
@@ -281,8 +311,10 @@ def _check_references(m: Manifest, path: Path, check_engines: bool = True) -> No
     problems = []
     listed = {f.path for f in m.files}
     for comp in m.components.values():
-        for onnx in (comp.onnx, comp.onnx_fp16, comp.onnx_cpu):
-            if onnx is not None and onnx not in listed:
+        if not comp.graphs:
+            problems.append(f"component {comp.name!r} has no graph (none of onnx, onnx_fp16, onnx_cpu)")
+        for onnx in comp.graphs.values():
+            if onnx not in listed:
                 problems.append(f"component {comp.name!r} file {onnx!r} is not in 'files'")
         if comp.tokenizer is not None and comp.tokenizer not in m.tokenizers:
             problems.append(f"component {comp.name!r} names unknown tokenizer {comp.tokenizer!r}")

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .budget import check_load_fits
 from .conditioning import EncodedText, build_conditioning
 from .denoise import (
     LoopBuffers,
+    LoopState,
     add_timings,
     can_capture,
     denoise,
@@ -32,33 +34,40 @@ from .denoise import (
 )
 from .engine_records import check_profiles, find_record
 from .experts import Segment, history_resets, plan_experts
+from .flow import FlowScheduleConfig, plan_flow_steps, wan_segments
 from .images import save_png, to_pil
 from .loading import OpenEngines, choose_backend, open_engines
+from .lora import Lora, check_loras
+from .lora_weights import LoraPlan, prepare_loras
 from .package import Manifest, package_root, read_manifest, resolve
 from .samplers import plan_steps
 from .schedules import ScheduleConfig
 from .text import PromptTokenizer
 from .tiles import decode_tiled
+from .video import CHUNK_DECODER, decode_frames, is_flow, save_webp, to_frames
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class GenerationResult:
-    """Images, seconds per stage and the parameters that reproduce them."""
+    """Images, seconds per stage and the parameters that reproduce them. Video packages asked
+    for ``num_frames > 1`` also fill ``frames``: one list of frames per video (``images`` then
+    holds the first frame of each)."""
 
     images: list[Image.Image]
     timings: dict[str, float]
     parameters: dict[str, Any] = field(default_factory=dict)
+    frames: list[list[Image.Image]] | None = None
 
     def save(self, path: str | Path) -> list[Path]:
-        """Save as PNG with the parameters embedded; ``name.png`` becomes ``name-K.png`` for K > 0."""
+        """Save with the parameters embedded: images as PNG, videos as animated WebP (``.webp``);
+        ``name.png`` becomes ``name-K.png`` for K > 0."""
         path = Path(path)
-        paths = [path if k == 0 else path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(len(self.images))]
-        return [
-            save_png(image, p, {**self.parameters, "index": k})
-            for k, (image, p) in enumerate(zip(self.images, paths))
-        ]
+        items: list[Any] = self.frames if self.frames is not None else self.images
+        paths = [path if k == 0 else path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(len(items))]
+        write = save_webp if self.frames is not None else save_png
+        return [write(item, p, {**self.parameters, "index": k}) for k, (item, p) in enumerate(zip(items, paths))]
 
 
 @dataclass
@@ -76,7 +85,7 @@ class _Request:
     scalars: np.ndarray | None = None
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
     sample: np.ndarray | None = None  # scaled initial latents, then the loop's current latents
-    denoised: np.ndarray | None = None  # low memory: the denoised estimate between phases
+    state: LoopState | None = None  # low memory: where the loop stands between phases
     tables: tuple[np.ndarray, np.ndarray | None] | None = None  # low memory: step scalars and noise
 
 
@@ -97,13 +106,16 @@ class Pipeline:
         self.cuda_graphs = cuda_graphs
         self.memory = "default" if opened.resident else "low"
         self.vae_tile = vae_tile
-        self.schedule = ScheduleConfig.from_diffusers(manifest.schedule)
+        # the family's schedule: flow matching (Wan) or a discrete one (UNet pairs)
+        self.flow = FlowScheduleConfig.from_diffusers(manifest.schedule) if is_flow(manifest) else None
+        self.schedule = None if self.flow else ScheduleConfig.from_diffusers(manifest.schedule)
         self.tokenizers = {
             name: PromptTokenizer(resolve(root, info.file), info) for name, info in manifest.tokenizers.items()
         }
         self._opened = opened
         self.engines: dict[str, Engine] = opened.engines
         self._buffers: LoopBuffers | None = None
+        self._loras: list[dict[str, Any]] | None = []  # the active LoRAs' record; None after a failed set_loras
         self._lock = threading.Lock()
         self._closed = False
 
@@ -111,6 +123,7 @@ class Pipeline:
     def load(
         cls, path: str | Path, backend: str = "auto", threads: int | None = None, verify_hashes: bool = True,
         cuda_graphs: bool = True, memory: str = "default", vae_tile: int | None = None,
+        loras: Sequence[Lora] = (),
     ) -> Pipeline:
         """Validate the package at ``path`` and load every component on ``backend``
         (``auto``: TensorRT when the package has engines for it, else ONNX Runtime CUDA, else CPU).
@@ -120,7 +133,9 @@ class Pipeline:
         releases it after (text encoders, then each expert in turn, then the decoder), for the
         same images at a fraction of the resident memory and a load per stage.
         ``vae_tile``: decode in overlapping tiles of this many pixels (bounds the decoder's memory
-        on large images; see :func:`artrt.runtime.tiles.decode_tiled`)."""
+        on large images; see :func:`artrt.runtime.tiles.decode_tiled`).
+        ``loras``: :class:`~artrt.runtime.lora.Lora` adapters applied to their experts' weights
+        (checked before any engine loads; :meth:`set_loras` replaces them later; docs/lora.md)."""
         check_backend(backend)
         check_memory_mode(memory)
         if vae_tile is not None:
@@ -134,9 +149,18 @@ class Pipeline:
         backend = choose_backend(backend, manifest)
         log.info("loading %s (%s) on %s", root, manifest.family, backend)
         check_load_fits(root, manifest, backend, memory)
-        opened = open_engines(root, manifest, backend, threads, cuda_graphs, resident=memory == "default")
+        loras, prepared = check_loras(loras), []
+
+        def lora_weights(opened: OpenEngines) -> dict[str, dict[str, np.ndarray]]:
+            prepared.append(_prepare_loras(root, manifest, opened, loras))
+            return {name: prepared[0].weights(name) for name in prepared[0].updates}
+
+        opened = open_engines(root, manifest, backend, threads, cuda_graphs, resident=memory == "default",
+                              weights=lora_weights if loras else None)
         try:
-            return cls(root, manifest, opened, cuda_graphs, vae_tile)
+            pipe = cls(root, manifest, opened, cuda_graphs, vae_tile)
+            pipe._loras = prepared[0].record if prepared else []
+            return pipe
         except BaseException:
             opened.close()
             raise
@@ -157,6 +181,28 @@ class Pipeline:
         for name, engine in self._opened.engines.items():
             callback(name, engine)
         self._opened.watchers.append(callback)
+
+    @property
+    def loras(self) -> list[dict[str, Any]]:
+        """The active LoRAs as recorded in image parameters: file, scale, expert, sha256."""
+        return list(self._loras or [])
+
+    def set_loras(self, loras: Sequence[Lora]) -> None:
+        """Replace the active LoRAs between calls (waits for a running one); ``[]`` restores the
+        package's weights exactly. Every LoRA is read and checked before any weight changes, and
+        every new weight is computed from the base weight, never from the last set."""
+        loras = check_loras(loras)
+        with self._lock:
+            if self._closed:
+                raise InputError("this Pipeline is closed; load the package again")
+            plan = _prepare_loras(self.root, self.manifest, self._opened, loras)
+            if self._buffers is not None:  # its bindings and captured graphs belong to the old weights
+                self._buffers.release()
+                self._buffers = None
+            self._loras = None  # until every component has its new weights
+            for name in self.manifest.components:  # one component's new weights in memory at a time
+                self._opened.set_weights(name, plan.weights(name))
+            self._loras = plan.record
 
     def close(self) -> None:
         """Release the engines and buffers (waits for a running call); later calls raise InputError."""
@@ -186,17 +232,20 @@ class Pipeline:
         width: int | None = None,
         num_images: int = 1,
         latents: np.ndarray | None = None,
+        num_frames: int = 1,
     ) -> GenerationResult:
         """Generate ``num_images`` images for ``prompt``; unset arguments take the package defaults.
 
-        ``guidance`` is one value or one per expert. ``seed=None`` draws a fresh seed (recorded in
-        the parameters). ``latents`` is unit-variance noise of shape ``[num_images, C, height/s,
-        width/s]`` (as diffusers' ``latents=``); otherwise it is drawn from
-        ``numpy.random.default_rng(seed)``. Bad arguments and requests that would not fit in memory
-        raise :class:`InputError` before any work.
+        ``guidance`` is one value or one per expert. ``switch``: the composition expert's fraction of
+        the schedule (UNet pairs) or Wan's ``boundary_ratio``. ``seed=None`` draws a fresh seed
+        (recorded in the parameters). ``latents`` is unit-variance noise of shape ``[num_images, C,
+        height/s, width/s]`` (Wan: ``[num_images, C, (num_frames - 1)/4 + 1, height/s, width/s]``), as
+        diffusers' ``latents=``; otherwise it is drawn from ``numpy.random.default_rng(seed)``.
+        ``num_frames`` (video packages): 4k + 1 frames per video, returned in ``frames``. Bad
+        arguments and requests that would not fit in memory raise :class:`InputError` before any work.
         """
         request = self._prepare(prompt, negative_prompt, steps, guidance, switch, sampler, seed, height, width,
-                                num_images, latents)
+                                num_images, latents, num_frames)
         return self._run([request])[0]
 
     def generate_many(self, requests: Sequence[Mapping[str, Any]]) -> list[GenerationResult]:
@@ -210,13 +259,13 @@ class Pipeline:
     def _prepare(
         self, prompt: Any, negative_prompt: Any = None, steps: Any = None, guidance: Any = None, switch: Any = None,
         sampler: Any = None, seed: Any = 0, height: Any = None, width: Any = None, num_images: Any = 1,
-        latents: Any = None,
+        latents: Any = None, num_frames: Any = 1,
     ) -> _Request:
         """Check one request and draw its noise (no engine runs)."""
         started = time.perf_counter()
         args = GenerationArguments.check(
             self.manifest, prompt, negative_prompt, steps, guidance, switch, sampler, seed, height, width,
-            num_images,
+            num_images, num_frames,
         )
         args.check_memory(self.manifest)
         check_profiles(self.root, self.manifest, self.backend, args.num_images, args.height, args.width)
@@ -230,6 +279,9 @@ class Pipeline:
         with self._lock:
             if self._closed:
                 raise InputError("this Pipeline is closed; load the package again")
+            if self._loras is None:
+                raise EngineError("the last set_loras failed part way; call set_loras again before generating")
+            loras = {"loras": self._loras} if self._loras else {}
             self._opened.load_seconds = 0.0
             self._encode(requests)
             for r in requests:
@@ -241,14 +293,14 @@ class Pipeline:
                 self._denoise_by_phase(requests)
             for r in requests:
                 self._check_finite(r.sample, "the final latents", [e.component for e in self.manifest.experts])
-            images = self._decode(requests)
+            decoded = self._decode(requests)
             load = self._opened.load_seconds
         results = []
-        for r, batch in zip(requests, images):
+        for r, (images, frames) in zip(requests, decoded):
             if not self._opened.resident:
                 r.timings["load"] = load  # of the whole call, included in the stages' own seconds
             r.timings["total"] = time.perf_counter() - r.started
-            results.append(GenerationResult(batch, r.timings, r.args.record(self.manifest)))
+            results.append(GenerationResult(images, r.timings, {**r.args.record(self.manifest), **loras}, frames))
         return results
 
     def _encode(self, requests: list[_Request]) -> None:
@@ -265,10 +317,15 @@ class Pipeline:
     def _plan(self, r: _Request) -> None:
         """The request's step plan, expert segments, conditioning and step tables."""
         args = r.args
-        plan = plan_steps(self.schedule, args.sampler, args.steps)
-        r.segments = plan_experts(plan.timesteps, args.switch, self.schedule.num_train_timesteps, args.guidance)
-        if len(r.segments) > 1:
-            plan = plan_steps(self.schedule, args.sampler, args.steps, history_resets(r.segments))
+        if self.flow is not None:  # one scheduler for both experts: history carries across the switch
+            plan = plan_flow_steps(self.flow, args.sampler, args.steps)
+            boundary = args.switch if len(self.manifest.experts) > 1 else None
+            r.segments = wan_segments(plan.timesteps, boundary, self.flow.num_train_timesteps, args.guidance)
+        else:  # the detail expert restarts its scheduler at the switch (as the SDXL refiner does)
+            plan = plan_steps(self.schedule, args.sampler, args.steps)
+            r.segments = plan_experts(plan.timesteps, args.switch, self.schedule.num_train_timesteps, args.guidance)
+            if len(r.segments) > 1:
+                plan = plan_steps(self.schedule, args.sampler, args.steps, history_resets(r.segments))
         r.scalars = plan.scalars
         r.feeds = [build_conditioning(e.conditioning, r.encoded, not args.negative_prompt, args.num_images,
                                       args.height, args.width) for e in self.manifest.experts]
@@ -288,11 +345,12 @@ class Pipeline:
     def _denoise_by_phase(self, requests: list[_Request]) -> None:
         """Low memory: each expert is loaded at its first step, runs its steps of every request, and is
         released before the next expert loads. A request's latents and denoised estimate wait on the
-        host between phases, so each request gets exactly the images of a whole-loop run."""
+        host between phases (with the corrected sample of flow steps), so each request gets exactly
+        the images of a whole-loop run."""
         experts, names = self.manifest.experts, [e.name for e in self.manifest.experts]
         for r in requests:
             r.tables = step_tables(r.scalars, r.segments, r.sample.shape, r.rng)
-            r.denoised = np.zeros_like(r.sample)
+            r.state = LoopState.start(r.sample, self.flow is not None)
         for index, expert in enumerate(experts):
             todo = [(r, [s for s in r.segments if s.expert == index]) for r in requests]
             todo = [(r, segments) for r, segments in todo if segments]
@@ -302,16 +360,21 @@ class Pipeline:
                 for r, segments in todo:
                     buffers = self._loop_buffers(r.sample.shape)  # no bindings of this expert: dropped below
                     buffers.set_conditioning(expert.name, engine, r.feeds[index])
-                    load_state(buffers, *r.tables, r.sample, r.denoised)
+                    load_state(buffers, *r.tables, r.state)
                     parity, marks = enqueue_steps({index: engine}, names, buffers, segments, r.tables[1] is not None,
                                                   step_progress(r.args.steps))
-                    r.sample, r.denoised = read_state(buffers, parity)
+                    r.state = read_state(buffers, parity)
                     add_timings(buffers, marks, r.timings)
                     buffers.forget(expert.name)
+        for r in requests:
+            r.sample = r.state.sample
 
-    def _decode(self, requests: list[_Request]) -> list[list[Image.Image]]:
+    def _decode(self, requests: list[_Request]) -> list[tuple[list[Image.Image], list[list[Image.Image]] | None]]:
+        """Each request's images and, for videos, its frames."""
         if self.manifest.decoder is None:
-            return [to_pil(r.sample, pixel_space=True) for r in requests]
+            return [(to_pil(r.sample, pixel_space=True), None) for r in requests]
+        if self.flow is not None:
+            return self._decode_video(requests)
         images = []
         with self._opened.using(self.manifest.decoder) as engine:
             for r in requests:
@@ -322,9 +385,28 @@ class Pipeline:
                     pixels = decode_tiled(lambda z: engine.run({"latents": z})["image"], r.sample,
                                           self.vae_tile // self.manifest.latent_scale, self.manifest.latent_scale)
                 self._check_finite(pixels, "the decoded image", [self.manifest.decoder])
-                images.append(to_pil(pixels))
+                images.append((to_pil(pixels), None))
                 r.timings["decode"] = time.perf_counter() - started
         return images
+
+    def _decode_video(self, requests: list[_Request]) -> list[tuple[list[Image.Image], list[list[Image.Image]] | None]]:
+        """The Wan VAE, causal over frames: latent frame 0 through the first decoder, each later one
+        through the chunk decoder with the caches the previous call returned."""
+        decoders = [self.manifest.decoder]
+        if any(r.args.num_frames > 1 for r in requests):
+            decoders.append(CHUNK_DECODER)
+        results = []
+        with ExitStack() as opened:
+            run_first, *run_chunk = [opened.enter_context(self._opened.using(name)).run for name in decoders]
+            for r in requests:
+                started = time.perf_counter()
+                video = decode_frames(run_first, run_chunk[0] if run_chunk else None, r.sample)
+                self._check_finite(video, "the decoded video" if r.args.num_frames > 1 else "the decoded image",
+                                   decoders)
+                frames = to_frames(video)
+                results.append(([clip[0] for clip in frames], frames if r.args.num_frames > 1 else None))
+                r.timings["decode"] = time.perf_counter() - started
+        return results
 
     def _check_finite(self, array: np.ndarray, what: str, components: list[str]) -> None:
         """Raise when a stage produced NaN or Inf from finite inputs, naming what ran and how."""
@@ -348,7 +430,7 @@ class Pipeline:
                 from .device_memory import DeviceMemory
 
                 memory = DeviceMemory(self._opened.stream)
-            self._buffers = LoopBuffers(shape, memory)
+            self._buffers = LoopBuffers(shape, memory, flow=self.flow is not None)
         return self._buffers
 
 
@@ -360,6 +442,14 @@ def component_precision(manifest: Manifest, component: str, backend: str) -> str
     if record is not None:
         return str(record.precision)
     return "fp16" if manifest.components[component].onnx_fp16 else "fp32"
+
+
+def _prepare_loras(root: Path, manifest: Manifest, opened: OpenEngines, loras: Sequence[Lora]) -> LoraPlan:
+    """``loras`` checked against the package, their weights to be read from the files its engines use."""
+    names = [n for n, c in manifest.components.items() if c.kind in ("fused_step", "text_encoder")]
+    files = {n: opened.weight_file(n) for n in names}
+    precisions = {n: component_precision(manifest, n, opened.backend) for n in names}
+    return prepare_loras(root, manifest, loras, files, precisions)
 
 
 def step_progress(total: int, every: float = 2.0) -> Callable[[int], None]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,15 @@ from artrt.errors import PackageError
 from .package import TokenizerInfo
 
 log = logging.getLogger(__name__)
+
+
+def clean_prompt(text: str) -> str:
+    """WanPipeline's ``prompt_clean`` without ftfy (not installed with diffusers): HTML entities
+    unescaped twice, whitespace runs squeezed to one space, ends stripped."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
+CLEANERS = {"wan": clean_prompt}  # TokenizerInfo.clean -> what the pipeline does to a prompt first
 
 
 class PromptTokenizer:
@@ -27,6 +38,10 @@ class PromptTokenizer:
         self._tokenizer.enable_truncation(info.max_length)
         self._tokenizer.enable_padding(length=info.max_length, pad_id=info.pad_id)
         self.max_length = info.max_length
+        if info.clean is not None and info.clean not in CLEANERS:
+            raise PackageError(f"tokenizer {path}: unknown prompt clean-up {info.clean!r} (this artrt knows "
+                               f"{', '.join(CLEANERS)}); update artrt or re-export")
+        self._clean = CLEANERS[info.clean] if info.clean else None
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         """Token ids of shape ``[len(prompts), max_length]`` (int64).
@@ -35,6 +50,8 @@ class PromptTokenizer:
         the tokenizers thread pool, which then competes with ONNX Runtime's spinning
         threads for the cores (6-14 ms instead of 0.1 ms on a 2-core machine).
         """
+        if self._clean is not None:
+            prompts = [self._clean(p) for p in prompts]
         encodings = [self._tokenizer.encode(p) for p in prompts]
         for prompt, encoding in zip(prompts, encodings):
             if encoding.overflowing:

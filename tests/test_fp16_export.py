@@ -91,9 +91,10 @@ def test_precision_arguments_are_checked(tmp_path):
     from artrt.export import export_package
 
     for kwargs, message in [
-        ({"precisions": ("fp16",)}, "fp32 graphs are always exported"),
-        ({"precisions": ("fp32", "int8")}, "unknown precision"),
-        ({"precisions": ("fp32",), "fp16_vae": True}, "--fp16-vae needs fp16"),
+        ({"targets": ("cpu",), "precision": "fp16"}, "--targets cpu writes fp32 graphs only"),
+        ({"precision": "int8"}, "unknown precision"),
+        ({"precision": "fp32", "fp16_vae": True}, "--fp16-vae needs fp16 graphs"),
+        ({"targets": ("cpu",), "fp16_vae": True}, "--fp16-vae needs fp16 graphs"),
     ]:
         with pytest.raises(InputError, match=message):  # checked before the sources are touched
             export_package(None, tmp_path / "p", **kwargs)  # type: ignore[arg-type]

@@ -194,3 +194,15 @@ def test_sample_refuses_oversized_items_alone(capsys, sdxl_package, tmp_path):
     assert f"{prompts}:2: n must be <= 10000" in err
     assert f"{prompts}:3: " in err and f"{prompts}:4: " in err and err.count("of memory") == 2
     assert [p.name for p in (tmp_path / "out" / "images").iterdir()] == ["ok.png"]
+
+
+@pytest.mark.parametrize(("bounds", "value", "message"), [
+    ((0.0, None), -1.0, "x must be >= 0, got -1"),
+    ((None, 1.0), 2.0, "x must be <= 1, got 2"),
+    ((0.0, 1.0), 2.0, r"x must be in \[0, 1\], got 2"),
+])
+def test_one_sided_float_bounds_are_one_line(bounds, value, message):
+    from artrt.runtime.checks import check_float
+
+    with pytest.raises(InputError, match=message):
+        check_float("x", value, *bounds)

@@ -1,5 +1,5 @@
 """``artrt`` command line: one module per command (export, build, generate, info, sample, demo,
-bench), each with ``add_parser(sub)`` and ``run(args)``.
+bench, serve), each with ``add_parser(sub)`` and ``run(args)``.
 
 Arguments are parsed once here into plain values. Errors a user can cause end with
 one ``artrt: error: ...`` line on stderr and exit status 1 (2 for usage errors).
@@ -21,7 +21,7 @@ from .options import configure_logging
 
 log = logging.getLogger("artrt")
 
-COMMANDS = ("export", "build", "generate", "info", "sample", "demo", "bench")  # modules of this package
+COMMANDS = ("export", "build", "generate", "info", "sample", "demo", "bench", "serve")  # modules of this package
 
 
 def command(name: str) -> ModuleType:

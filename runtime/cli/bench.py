@@ -31,7 +31,7 @@ from artrt.errors import ArtrtError, InputError
 from artrt.runtime.arguments import check_backend, check_steps
 
 from .bench_report import busy_cpu_seconds, fit_line, format_table, machine_info, other_cores, summarize, write_json
-from .options import add_memory_options
+from .options import add_lora_option, add_memory_options, parse_loras
 
 log = logging.getLogger("artrt.runtime.cli.bench")  # also when run as __main__
 PROMPT = "a lighthouse at dusk"
@@ -53,6 +53,7 @@ class BenchConfig:
     verify: bool = True
     memory: str = "default"
     vae_tile: int | None = None
+    loras: tuple[str, ...] = ()  # --lora FILE[:SCALE][@EXPERT] specs
 
 
 class EngineTimer:
@@ -197,7 +198,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     before, cpu = peak_rss_mib(), busy_cpu_seconds()
     started = time.perf_counter()
     pipe = Pipeline.load(cfg.model, backend=cfg.backend, threads=cfg.threads, verify_hashes=cfg.verify,
-                         memory=cfg.memory, vae_tile=cfg.vae_tile)
+                         memory=cfg.memory, vae_tile=cfg.vae_tile, loras=parse_loras(list(cfg.loras)))
     load_s = time.perf_counter() - started
     timer = EngineTimer(pipe)
     try:
@@ -268,6 +269,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit-runs", type=int, default=2, help="runs per point of the sweeps (default 2)")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the package files")
     add_memory_options(p)
+    add_lora_option(p)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -281,7 +283,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> None:
     height, width = args.size or (None, None)
     cfg = BenchConfig(args.model, args.backend, args.steps, height, width, tuple(args.batch), args.runs, args.warmup,
-                      args.threads, not args.no_fit, args.fit_runs, not args.no_verify, args.memory, args.vae_tiles)
+                      args.threads, not args.no_fit, args.fit_runs, not args.no_verify, args.memory, args.vae_tiles,
+                      tuple(args.lora))
     report = run_bench(cfg)
     if args.json:
         log.info("wrote %s", write_json(report, args.json))

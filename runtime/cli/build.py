@@ -37,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timing-cache", type=Path,
                    help="TensorRT timing cache, read and updated (default PKG/engines/timing.cache)")
     p.add_argument("--rebuild", action="store_true", help="rebuild engines even when they are up to date")
+    p.add_argument("--refittable", action="store_true", help="trt: build plans whose weights can be replaced "
+                   "in place, so --lora applies to them without a rebuild (docs/lora.md)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -51,6 +53,6 @@ def run(args: argparse.Namespace) -> None:
     dynamic = DynamicRange(args.min_size, args.max_size, args.max_batch) if args.dynamic else None
     request = BuildRequest(
         height=args.height, width=args.width, batch=args.batch, dynamic=dynamic, backend=args.backend,
-        opt_level=args.opt_level, timing_cache=args.timing_cache, rebuild=args.rebuild,
+        opt_level=args.opt_level, timing_cache=args.timing_cache, rebuild=args.rebuild, refittable=args.refittable,
     )
     build_engines(args.model, request)

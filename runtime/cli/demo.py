@@ -8,7 +8,7 @@ from pathlib import Path
 
 from artrt.runtime.arguments import check_int
 
-from .options import add_memory_options, add_sampling_options, check_output
+from .options import add_lora_option, add_memory_options, add_sampling_options, check_output, parse_loras
 
 log = logging.getLogger("artrt")
 
@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="ort-cpu", help="ort-cpu (default), ort-cuda or auto")
     p.add_argument("--threads", type=int, help="CPU threads per engine (default: one per core)")
     add_memory_options(p)
+    add_lora_option(p)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -47,12 +48,13 @@ def run(args: argparse.Namespace) -> None:
 
     check_output(args.output)
     check_int("--scale", args.scale, 1, 64)
+    loras = parse_loras(args.lora)
     _warn_outside_world(args.prompt)
     package = demo_package(cache=args.cache, rebuild=args.rebuild)
     guidance = args.guidance[0] if args.guidance and len(args.guidance) == 1 else args.guidance
     # demo_package checked the shipped package's sha256; a cached export is artrt's own (sizes are checked).
     with Pipeline.load(package, backend=args.backend, threads=args.threads, verify_hashes=False, memory=args.memory,
-                       vae_tile=args.vae_tiles) as pipe:
+                       vae_tile=args.vae_tiles, loras=loras) as pipe:
         result = pipe.generate(args.prompt, steps=args.steps, guidance=guidance, switch=args.switch,
                                sampler=args.sampler, seed=args.seed, num_images=args.num_images)
     images = [upscale(image, args.scale) for image in result.images]

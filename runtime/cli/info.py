@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from artrt.runtime.package import graph_bytes
+from artrt.runtime.package import graph_sizes
 
 log = logging.getLogger("artrt")
 
@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> None:
         f"defaults  steps {d.steps}, guidance {d.guidance}, switch {d.switch}, sampler {d.sampler}, "
         f"size {d.width}x{d.height} (multiple of {m.size_multiple})",
         f"schedule  {m.schedule}",
+        f"targets   {_targets(m)}",
         "experts:",
     ]
     lines += [f"  {e.name:<12} {e.component}  text: {', '.join(e.conditioning.text_encoders)}"
@@ -39,7 +40,9 @@ def run(args: argparse.Namespace) -> None:
         graphs = graph_sizes(m, c.name)
         lines.append(f"  {c.name:<24} {c.kind:<13} {sum(graphs.values()) / 1e6:9.1f} MB  "
                      + ", ".join(f"{label} {size / 1e6:.1f} MB" for label, size in graphs.items()))
-        checks = [("fp32", c.export_check, "max |ONNX - PyTorch|")]
+        checks = []
+        if c.onnx is not None:
+            checks.append(("fp32", c.export_check, "max |ONNX - PyTorch|"))
         if c.onnx_fp16 is not None:
             checks.append(("fp16", c.export_check_fp16, "max |ONNX fp16 - PyTorch fp32|"))
         for label, check, what in checks:
@@ -56,11 +59,19 @@ def run(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-def graph_sizes(m: Any, component: str) -> dict[str, int]:
-    """Bytes of each graph the package holds for ``component`` (external data included), by kind."""
-    c = m.components[component]
-    kinds = {"fp32": c.onnx, "fp16": c.onnx_fp16, "cpu": c.onnx_cpu}
-    return {label: graph_bytes(m, path) for label, path in kinds.items() if path is not None}
+def _targets(m: Any) -> str:
+    """Where the package's graphs run: ``cpu`` when every component has a graph for ``ort-cpu``,
+    ``cuda`` always (GPU backends build from the fp16 graph, else the fp32 one), and the export's
+    ``--targets`` / ``--precision`` when the manifest records them (older packages do not)."""
+    fp32 = [c.name for c in m.components.values() if c.onnx_fp16 is None]
+    cuda = "fp32" if len(fp32) == len(m.components) else f"fp16, {', '.join(fp32)} fp32" if fp32 else "fp16"
+    if all(c.cpu_graph is not None for c in m.components.values()):
+        text = f"cpu, cuda ({cuda})"
+    else:
+        text = f"cuda ({cuda}); no CPU graphs: ort-cpu cannot run it"
+    if m.targets:
+        text += f"  (exported with --targets {','.join(m.targets)} --precision {m.precision})"
+    return text
 
 
 def _engine_lines(m: Any) -> list[str]:

@@ -14,6 +14,7 @@ log = logging.getLogger("artrt")
 
 
 SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m")
+FLOW_SAMPLERS = ("unipc", "euler")  # Wan packages (flow matching)
 
 
 def add_sampling_options(p: argparse.ArgumentParser, seed_help: str, sizes: bool) -> None:
@@ -22,12 +23,28 @@ def add_sampling_options(p: argparse.ArgumentParser, seed_help: str, sizes: bool
     p.add_argument("--guidance", type=float, nargs="+", metavar="G",
                    help="classifier-free guidance: one value, or one per expert")
     p.add_argument("--switch", type=float,
-                   help="fraction of the schedule run by the composition expert, in [0, 1]")
-    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)}")
+                   help="UNet pairs: fraction of the schedule run by the composition expert, in [0, 1]; Wan "
+                   "packages: boundary_ratio, the high-noise expert runs while t >= switch x 1000 (as diffusers)")
+    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (UNet pairs) or {', '.join(FLOW_SAMPLERS)} "
+                   "(Wan packages)")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     if sizes:
         p.add_argument("--height", type=int, help="image height in pixels")
         p.add_argument("--width", type=int, help="image width in pixels")
+
+
+def add_lora_option(p: argparse.ArgumentParser) -> None:
+    """``--lora FILE[:SCALE][@EXPERT]``, repeatable (parsed by :func:`parse_loras`)."""
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE][@EXPERT]",
+                   help="apply a LoRA (diffusers/PEFT or kohya safetensors) at SCALE (default 1) to EXPERT: "
+                   "composition, detail or both (default); repeatable, the updates add up (docs/lora.md)")
+
+
+def parse_loras(specs: list[str] | None) -> list:
+    """The ``--lora`` values as :class:`artrt.runtime.lora.Lora` (one InputError line for a bad one)."""
+    from artrt.runtime.lora import Lora
+
+    return [Lora.parse(spec) for spec in specs or ()]
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -47,9 +64,11 @@ def add_memory_options(p: argparse.ArgumentParser) -> None:
                    "the decoder's memory on large images; slightly different pixels, see docs/requests.md)")
 
 
-def check_output(path: Path) -> None:
-    if path.suffix.lower() != ".png":
-        raise InputError(f"output {path} must end in .png")
+def check_output(path: Path, video: bool = False) -> None:
+    """Refuse an output path that cannot be written: PNG for images, animated WebP for videos."""
+    suffix = ".webp" if video else ".png"
+    if path.suffix.lower() != suffix:
+        raise InputError(f"output {path} must end in {suffix}" + (" (videos are animated WebP)" if video else ""))
     parent = path.parent
     if not parent.is_dir():
         raise InputError(f"cannot write {path}: directory {parent} does not exist")

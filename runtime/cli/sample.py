@@ -8,7 +8,7 @@ from pathlib import Path
 
 from artrt.errors import InputError
 
-from .options import add_runtime_options, add_sampling_options
+from .options import add_lora_option, add_runtime_options, add_sampling_options, parse_loras
 
 log = logging.getLogger("artrt")
 
@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actors", type=int, help="with --ray: pipelines to run (default: one per GPU, else one "
                    "per --threads CPUs)")
     add_runtime_options(p)
+    add_lora_option(p)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -56,5 +57,5 @@ def run(args: argparse.Namespace) -> None:
     run_sample(SampleConfig(
         args.prompts, args.model, args.out, options, batch=args.batch, overwrite=args.overwrite, strict=args.strict,
         backend=args.backend, threads=args.threads, verify=not args.no_verify, ray=args.ray, actors=args.actors,
-        memory=args.memory, vae_tile=args.vae_tiles,
+        memory=args.memory, vae_tile=args.vae_tiles, loras=tuple(parse_loras(args.lora)),
     ))

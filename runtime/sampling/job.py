@@ -20,6 +20,7 @@ from typing import Any
 import artrt
 from artrt.errors import InputError
 from artrt.runtime.arguments import check_backend
+from artrt.runtime.lora import lora_record
 from artrt.runtime.package import Manifest, engine_files, read_manifest, sha256_file
 
 from .output import OutputDir, Resumed
@@ -95,7 +96,8 @@ def _run(cfg: SampleConfig, out: OutputDir, manifest: Manifest, tasks: list[Imag
 
 def _plan(cfg: SampleConfig, manifest: Manifest) -> tuple[list[ImageTask], list[BadLine], int]:
     items, bad = read_prompt_file(cfg.prompts)
-    tasks, unusable = plan_tasks(items, cfg.options, manifest, str(cfg.prompts), cfg.batch)
+    loras = lora_record(cfg.loras) if cfg.loras else None
+    tasks, unusable = plan_tasks(items, cfg.options, manifest, str(cfg.prompts), cfg.batch, loras)
     bad = sorted(bad + unusable, key=lambda b: b.line)
     for line in bad:
         log.warning("%s%s", line, "" if cfg.strict else " (skipped)")
@@ -128,7 +130,7 @@ def _local_results(cfg: SampleConfig, batches: Sequence[list[ImageTask]]) -> Ite
     from artrt.runtime.pipeline import Pipeline
 
     with Pipeline.load(cfg.model, backend=cfg.backend, threads=cfg.threads, verify_hashes=False, memory=cfg.memory,
-                       vae_tile=cfg.vae_tile) as pipe:
+                       vae_tile=cfg.vae_tile, loras=cfg.loras) as pipe:
         device = describe_device(pipe)
         if cfg.memory == "low":  # phase batching: each expert loaded once per group of batches
             for start in range(0, len(batches), PHASE_BATCHES):
@@ -178,6 +180,7 @@ def _run_info(cfg: SampleConfig, package: dict[str, Any], counts: Counts, bad: l
         "package": package, "backend": None, "device": None,
         "ray": {"address": cfg.ray, "actors": cfg.actors} if cfg.ray else None,
         "options": {**asdict(cfg.options), "batch": cfg.batch, "backend": cfg.backend, "threads": cfg.threads},
+        "loras": [{"file": str(x.file), "scale": x.scale, "expert": x.expert} for x in cfg.loras],
         "started": _now(), "finished": None, "seconds": None, "images_per_s": None, "first_image_s": None,
         "steady_images_per_s": None,
         "counts": asdict(counts), "bad_lines": [asdict(b) for b in bad], "failures": [],

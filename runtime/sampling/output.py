@@ -187,7 +187,7 @@ def _line(record: dict[str, Any]) -> bytes:
 
 def _check_same(task: ImageTask, record: dict[str, Any], metadata: Path) -> None:
     for name in GENERATION_FIELDS:
-        if record.get(name) != task.parameters[name]:
+        if record.get(name) != task.parameters.get(name):  # "loras" only where LoRAs are applied
             raise InputError(
                 f"{metadata} has image {task.id} with {name} {record.get(name)!r}, this job asks for "
-                f"{task.parameters[name]!r}: use --overwrite to redo the set, or another --out")
+                f"{task.parameters.get(name)!r}: use --overwrite to redo the set, or another --out")

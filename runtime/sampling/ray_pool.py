@@ -31,13 +31,14 @@ class BatchMaker:
     COLUMNS = ("id", "png", "sha256", "timings", "batch_size", "backend", "device", "error", "fatal")
 
     def __init__(self, model: str, backend: str, threads: int | None, verify: bool, memory: str = "default",
-                 vae_tile: int | None = None) -> None:
+                 vae_tile: int | None = None, loras: tuple[tuple[str, float, str], ...] = ()) -> None:
+        from artrt.runtime.lora import Lora
         from artrt.runtime.pipeline import Pipeline
 
         self.pipe, self.load_error = None, ""
         try:
             self.pipe = Pipeline.load(model, backend=backend, threads=threads, verify_hashes=verify, memory=memory,
-                                      vae_tile=vae_tile)
+                                      vae_tile=vae_tile, loras=[Lora(*spec) for spec in loras])
             self.device = describe_device(self.pipe)
         except ArtrtError as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -104,7 +105,8 @@ def _run(cfg: SampleConfig, batches: Sequence[list[ImageTask]], info: dict[str, 
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         BatchMaker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model": str(cfg.model.resolve()), "backend": cfg.backend, "threads": threads,
-                               "verify": cfg.verify, "memory": cfg.memory, "vae_tile": cfg.vae_tile},
+                               "verify": cfg.verify, "memory": cfg.memory, "vae_tile": cfg.vae_tile,
+                               "loras": tuple((str(x.file.resolve()), x.scale, x.expert) for x in cfg.loras)},
         **resources,
     )
     try:

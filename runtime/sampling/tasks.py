@@ -25,19 +25,20 @@ from typing import Any
 import numpy as np
 
 from artrt.errors import ArtrtError, InputError
-from artrt.runtime.arguments import GenerationArguments, check_int
+from artrt.runtime.arguments import GenerationArguments, check_int, parse_sampler
 from artrt.runtime.budget import check_fits, request_cost
 from artrt.runtime.images import encode_png
+from artrt.runtime.lora import Lora
 from artrt.runtime.package import Manifest
 from artrt.runtime.pipeline import Pipeline
-from artrt.runtime.schedules import Sampler
+from artrt.runtime.video import is_flow
 
 from .prompt_files import BadLine, PromptItem
 
 # Record fields that decide an image's pixels (besides the package): a record written
 # with other values is not the image the current command asks for.
 GENERATION_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "switch", "sampler", "seed",
-                     "height", "width", "num_images", "index")
+                     "height", "width", "num_images", "index", "loras")
 MAX_ITEM_IMAGES = 10_000  # images one prompt-file item may ask for
 _BATCH_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "switch", "sampler", "height", "width")
 
@@ -75,6 +76,7 @@ class SampleConfig:
     actors: int | None = None  # Ray actors (default: one per GPU, else one per --threads CPUs)
     memory: str = "default"  # Pipeline.load's memory mode
     vae_tile: int | None = None  # Pipeline.load's tiled decode
+    loras: tuple[Lora, ...] = ()  # Pipeline.load's LoRAs, for every image of the job
 
 
 
@@ -110,15 +112,18 @@ class ImageResult:
 
 
 def plan_tasks(
-    items: Sequence[PromptItem], options: SampleOptions, manifest: Manifest, file: str, batch: int = 1
+    items: Sequence[PromptItem], options: SampleOptions, manifest: Manifest, file: str, batch: int = 1,
+    loras: list[dict[str, Any]] | None = None,
 ) -> tuple[list[ImageTask], list[BadLine]]:
-    """Resolve every item against the options and package defaults; invalid ones become bad lines."""
+    """Resolve every item against the options and package defaults; invalid ones become bad lines.
+    ``loras`` (:func:`artrt.runtime.lora.lora_record` of the job's LoRAs) goes into every image's
+    parameters, as ``generate`` records them."""
     tasks: list[ImageTask] = []
     bad: list[BadLine] = []
     used: dict[str, int] = {}
     for item in items:
         try:
-            new = _item_tasks(item, options, manifest, batch)
+            new = _item_tasks(item, options, manifest, batch, {"loras": loras} if loras else {})
             for task in new:
                 if task.id in used:
                     raise InputError(f"image id {task.id} is already used on line {used[task.id]}")
@@ -130,7 +135,8 @@ def plan_tasks(
     return tasks, bad
 
 
-def _item_tasks(item: PromptItem, options: SampleOptions, manifest: Manifest, batch: int) -> list[ImageTask]:
+def _item_tasks(item: PromptItem, options: SampleOptions, manifest: Manifest, batch: int,
+                extra: dict[str, Any]) -> list[ImageTask]:
     v = item.values
     args = GenerationArguments.check(
         manifest, item.prompt, v.get("negative_prompt", options.negative_prompt), v.get("steps", options.steps),
@@ -144,7 +150,7 @@ def _item_tasks(item: PromptItem, options: SampleOptions, manifest: Manifest, ba
     cost = request_cost(shape, args.height, args.width, args.steps, args.sampler.draws_noise,
                         noise_images=args.num_images)
     check_fits(cost, f"{images} image(s) of {args.width}x{args.height} at once")
-    parameters = args.record(manifest)
+    parameters = {**args.record(manifest), **extra}
     item_id = v.get("id", f"{item.index:06d}")
     ids = [item_id] if args.num_images == 1 else [f"{item_id}-{k}" for k in range(args.num_images)]
     return [ImageTask(image_id, item_id, item.line, {**parameters, "index": k, "id": image_id})
@@ -159,7 +165,7 @@ def plan_batches(tasks: Sequence[ImageTask], batch_size: int) -> list[list[Image
     groups: dict[tuple, list[ImageTask]] = {}
     for task in tasks:
         p = task.parameters
-        own_item = task.item if Sampler.parse(p["sampler"]).draws_noise else None
+        own_item = task.item if parse_sampler(p["family"], p["sampler"]).draws_noise else None
         groups.setdefault((own_item, *(str(p[f]) for f in _BATCH_FIELDS)), []).append(task)
     batches = []
     for (own_item, *_), group in groups.items():
@@ -171,7 +177,8 @@ def plan_batches(tasks: Sequence[ImageTask], batch_size: int) -> list[list[Image
 def initial_noise(manifest: Manifest, seed: int, n: int, height: int, width: int) -> np.ndarray:
     """The unit noise ``generate`` draws for ``seed`` and ``n`` images."""
     s = manifest.latent_scale
-    shape = (n, manifest.latent_channels, height // s, width // s)
+    frames = (1,) if is_flow(manifest) else ()  # Wan latents have a frame axis (sample makes images)
+    shape = (n, manifest.latent_channels, *frames, height // s, width // s)
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
@@ -179,7 +186,7 @@ def batch_request(pipe: Pipeline, batch: Sequence[ImageTask]) -> dict[str, Any]:
     """The keyword arguments of the ``generate`` call that makes ``batch``."""
     p = batch[0].parameters
     kwargs = {f: p[f] for f in _BATCH_FIELDS}
-    if Sampler.parse(p["sampler"]).draws_noise:
+    if parse_sampler(p["family"], p["sampler"]).draws_noise:
         assert [t.parameters["index"] for t in batch] == list(range(p["num_images"])), "a noisy batch is one item"
         return {**kwargs, "seed": p["seed"], "num_images": p["num_images"]}
     return {**kwargs, "seed": p["seed"], "num_images": len(batch), "latents": _stacked_noise(pipe, batch)}

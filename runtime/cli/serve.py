@@ -1,0 +1,111 @@
+"""``artrt serve``: a package as an OpenAI-compatible image service (the ``serve`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from artrt.errors import ArtrtError, EngineError, InputError
+
+from .options import add_memory_options
+
+log = logging.getLogger("artrt")
+
+API_KEY_ENV = "ARTRT_API_KEY"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a package over HTTP (OpenAI's POST /v1/images/generations)",
+        description="Serve a package as a local HTTP service speaking OpenAI's images API (POST "
+        "/v1/images/generations with artrt's own fields: negative_prompt, steps, guidance, switch, sampler, seed), "
+        "with GET /v1/models, /health (200 once loaded and warm) and /metrics (Prometheus). Concurrent requests "
+        "with the same size and settings run as one batched engine call. SIGTERM or Ctrl-C drains: queued and "
+        "running requests finish, new ones get 503, then the server exits 0. Needs the 'serve' extra "
+        "(pip install 'artrt[serve]'). See docs/serving.md.",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", "-m", type=Path, help="package directory")
+    what.add_argument("--demo", action="store_true", help="serve the embedded demo model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require 'Authorization: Bearer KEY' on "
+                   f"/v1 routes (default: ${API_KEY_ENV}; none: no key)")
+    p.add_argument("--backend", default="auto", help="auto (default), trt, ort-cuda or ort-cpu")
+    p.add_argument("--threads", type=int, help="CPU threads per engine (default: one per core)")
+    p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the package files")
+    add_memory_options(p)
+    b = p.add_argument_group("batching and limits")
+    b.add_argument("--max-batch", type=int, default=8, help="images per batched engine call (default 8; 1: no "
+                   "batching)")
+    b.add_argument("--batch-window-ms", type=float, default=15.0, help="how long the oldest waiting request waits "
+                   "for others of its size and settings to join its batch (default 15)")
+    b.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429 (default 64)")
+    b.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take from arrival to "
+                   "response; later gets 504 (default 300)")
+    b.add_argument("--max-n", type=int, default=8, help="images per request at most (default 8)")
+    b.add_argument("--max-pixels", type=int, default=2048 * 2048, help="pixels per image at most (default 2048x2048)")
+    b.add_argument("--max-steps", type=int, default=150, help="steps per request at most (default 150)")
+    b.add_argument("--max-body", type=int, default=1 << 20, help="request body bytes at most (default 1 MiB)")
+
+
+def run(args: argparse.Namespace) -> None:
+    _check_extra()
+    from artrt.runtime.checks import check_float, check_int
+    from artrt.runtime.package import read_manifest
+    from artrt.runtime.serve.batching import Batching
+    from artrt.runtime.serve.limits import Limits
+    from artrt.runtime.serve.server import serve
+    from artrt.runtime.serve.service import ImageService
+
+    check_int("--port", args.port, 0, 65535)
+    check_float("--batch-window-ms", args.batch_window_ms, 0.0, 10000.0)
+    limits = Limits(max_n=args.max_n, max_pixels=args.max_pixels, max_steps=args.max_steps,
+                    max_body=args.max_body, max_queue=args.max_queue, timeout=args.timeout)
+    batching = Batching(window=args.batch_window_ms / 1000, max_batch=args.max_batch)
+    package, model_id, verify = _package(args)
+    manifest = read_manifest(package, verify_hashes=False)  # a bad path fails here, before the server starts
+
+    def load():  # type: ignore[no-untyped-def]
+        from artrt.runtime.pipeline import Pipeline
+
+        return Pipeline.load(package, backend=args.backend, threads=args.threads, verify_hashes=verify,
+                             memory=args.memory, vae_tile=args.vae_tiles)
+
+    service = ImageService(manifest, load, model_id, limits, batching)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("warning: listening on %s: other machines can reach this server%s", args.host,
+                    "" if args.api_key else "; set --api-key or $" + API_KEY_ENV)
+    server = serve(service, args.host, args.port, args.api_key, quiet=getattr(args, "quiet", False))
+    if service.problem is not None:
+        problem = service.problem
+        raise problem if isinstance(problem, ArtrtError) else EngineError(f"loading failed: {problem!r}")
+    if server.force_exit and not server.drained:
+        # The worker may be inside an engine call, which cannot be interrupted: end the process
+        # without waiting for it (an interpreter exit would abort on the running native thread).
+        print("artrt: error: stopped before every queued request was answered", file=sys.stderr, flush=True)
+        os._exit(1)
+    log.info("drained and stopped")
+
+
+def _package(args: argparse.Namespace) -> tuple[Path, str, bool]:
+    """The package to serve, the model id it is served as, and whether to verify its hashes at load."""
+    if args.demo:
+        from artrt.demo.cache import demo_package
+
+        return demo_package(), "artrt-demo", False  # demo_package checked the shipped package's sha256
+    return args.model, Path(args.model).resolve().name, not args.no_verify
+
+
+def _check_extra() -> None:
+    """One line naming the extra when the server's libraries are missing."""
+    try:
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise InputError(f"artrt serve needs the 'serve' extra (pip install 'artrt[serve]'): {exc}") from None

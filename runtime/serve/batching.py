@@ -1,0 +1,205 @@
+"""The dynamic batcher: a bounded queue of requests and the one worker thread that runs them.
+
+The worker takes the oldest waiting request and, with it, every waiting request of the same key
+(:attr:`ImageRequest.key`: size, steps, guidance, switch, sampler, frames) up to ``max_batch``
+images. When it finds the queue short of a full batch, it waits until ``window`` seconds after
+the oldest request arrived for more to join; under load the queue fills while the worker is busy,
+so batches form without waiting. ``max_batch=1`` runs every request alone, in arrival order.
+A group that fails is run again one request at a time, so one bad request fails only itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from artrt.errors import ArtrtError
+
+from ..checks import check_float, check_int
+from ..pipeline import GenerationResult
+from .protocol import ImageRequest
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[Sequence[ImageRequest]], list[GenerationResult]]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How requests are grouped: up to ``max_batch`` images, waiting at most ``window`` seconds after
+    the oldest request arrived for others to join (``max_batch=1``: no batching)."""
+
+    window: float = 0.015
+    max_batch: int = 8
+
+    def __post_init__(self) -> None:
+        check_float("window (seconds)", self.window, 0.0, 10.0)
+        check_int("max_batch", self.max_batch, 1)
+
+
+@dataclass(eq=False)
+class Job:
+    """One queued request, its deadline (``time.monotonic()``) and the future of its result."""
+
+    request: ImageRequest
+    deadline: float
+    arrived: float = field(default_factory=time.monotonic)
+    future: Future[GenerationResult] = field(default_factory=Future)
+    started: float | None = None  # when the worker took it
+
+    @property
+    def images(self) -> int:
+        return self.request.args.num_images
+
+
+class Batcher:
+    """Queue requests (:meth:`submit`) and run them in groups on one worker thread.
+
+    ``run`` gets requests of one key and returns their results in order; it is only ever called
+    from the worker thread, so it may own state that is not thread-safe (the engines).
+    """
+
+    def __init__(self, run: Runner, batching: Batching | None = None, max_queue: int = 64) -> None:
+        self.run = run
+        batching = batching or Batching()
+        self.window, self.max_batch = batching.window, batching.max_batch
+        self.max_queue = check_int("max_queue", max_queue, 1)
+        self._pending: list[Job] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._busy = False
+        self._seconds_per_image = 0.0  # moving average, for Retry-After
+        self._worker = threading.Thread(target=self._work, name="artrt-serve-worker", daemon=True)
+
+    def start(self) -> None:
+        self._worker.start()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for the worker (not counting the group it runs)."""
+        return len(self._pending)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def submit(self, request: ImageRequest, deadline: float) -> Job | None:
+        """Queue ``request``; None when the queue is full or the batcher is closed."""
+        with self._cond:
+            if self._closing or len(self._pending) >= self.max_queue:
+                return None
+            job = Job(request, deadline)
+            self._pending.append(job)
+            self._cond.notify()
+            return job
+
+    def withdraw(self, job: Job) -> None:
+        """Take a job its caller gave up on (past its deadline) out of the queue, if still there."""
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
+        job.future.cancel()
+
+    def retry_after(self) -> int:
+        """Whole seconds until the queue likely has room again: the worker's recent time for the next
+        group (for 429's Retry-After)."""
+        with self._cond:
+            images = sum(job.images for job in self._pending)
+        return max(1, math.ceil(self._seconds_per_image * min(images, self.max_batch)))
+
+    def close(self, wait: bool = True) -> None:
+        """Accept nothing more; the worker runs what is queued, then stops. ``wait``: until it has."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if wait and self._worker.is_alive():
+            self._worker.join()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker to stop (after :meth:`close`); True when it has."""
+        if self._worker.is_alive():
+            self._worker.join(timeout)
+        return not self._worker.is_alive()
+
+    def _work(self) -> None:
+        while (group := self._next_group()) is not None:
+            self._run_group(group)
+
+    def _next_group(self) -> list[Job] | None:
+        """The oldest job and the jobs of its key, after the batching window; None once closed and empty."""
+        with self._cond:
+            while not self._pending:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            first = self._pending[0]
+            while True:
+                group = self._group_of(first)
+                wait = first.arrived + self.window - time.monotonic()
+                if sum(job.images for job in group) >= self.max_batch or wait <= 0 or self._closing:
+                    break
+                self._cond.wait(wait)
+            for job in group:
+                self._pending.remove(job)
+            return group
+
+    def _group_of(self, first: Job) -> list[Job]:
+        group, images = [first], first.images
+        for job in self._pending[1:]:
+            if job.request.key == first.request.key and images + job.images <= self.max_batch:
+                group.append(job)
+                images += job.images
+        return group
+
+    def _run_group(self, group: list[Job]) -> None:
+        now = time.monotonic()
+        live = []
+        for job in group:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # its caller gave up
+            if now > job.deadline:
+                job.future.set_exception(TimeoutError("the request's deadline passed while it waited"))
+                continue
+            job.started = now
+            live.append(job)
+        if not live:
+            return
+        try:
+            results = self.run([job.request for job in live])
+        except Exception as exc:
+            if len(live) == 1:
+                _fail(live[0], exc)
+                return
+            log.warning("a batch of %d requests failed (%s); running them one at a time", len(live), exc)
+            for job in live:
+                self._run_group_of_one(job)
+            return
+        for job, result in zip(live, results):
+            job.future.set_result(result)
+        self._note(time.monotonic() - now, sum(job.images for job in live))
+
+    def _run_group_of_one(self, job: Job) -> None:
+        started = time.monotonic()
+        try:
+            result = self.run([job.request])[0]
+        except Exception as exc:
+            _fail(job, exc)
+            return
+        job.future.set_result(result)
+        self._note(time.monotonic() - started, job.images)
+
+    def _note(self, seconds: float, images: int) -> None:
+        per_image = seconds / max(images, 1)
+        self._seconds_per_image = per_image if not self._seconds_per_image else (
+            0.8 * self._seconds_per_image + 0.2 * per_image)
+
+
+def _fail(job: Job, exc: Exception) -> None:
+    if not isinstance(exc, (ArtrtError, TimeoutError)):
+        log.error("a request failed: %r", exc, exc_info=exc)
+    job.future.set_exception(exc)

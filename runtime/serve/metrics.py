@@ -1,0 +1,61 @@
+"""Prometheus metrics of one server, in a registry of their own (``GET /metrics``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..pipeline import GenerationResult
+
+SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+IMAGES = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    """Queue depth, latency per request and per stage, batch sizes, images, errors by type."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.queue_depth = Gauge("artrt_queue_depth", "Requests waiting for the worker", registry=r)
+        self.in_flight = Gauge("artrt_requests_in_flight", "Image requests received and not yet answered",
+                               registry=r)
+        self.requests = Counter("artrt_requests", "Image requests answered, by HTTP status", ["status"], registry=r)
+        self.request_seconds = Histogram("artrt_request_seconds", "Seconds from arrival to response of image requests "
+                                         "answered 200", buckets=SECONDS, registry=r)
+        self.queue_seconds = Histogram("artrt_queue_wait_seconds", "Seconds a request waited for the worker",
+                                       buckets=SECONDS, registry=r)
+        self.stage_seconds = Histogram("artrt_stage_seconds", "Seconds per stage of each engine run (a batch counts "
+                                       "once): tokenize, text encoders, expert:<name>, decode, total", ["stage"],
+                                       buckets=SECONDS, registry=r)
+        self.batch_images = Histogram("artrt_batch_images", "Images per engine run", buckets=IMAGES, registry=r)
+        self.images = Counter("artrt_images", "Images generated", registry=r)
+        self.errors = Counter("artrt_errors", "Image requests refused or failed, by error type", ["type"], registry=r)
+
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        """Read the queue depth from ``depth()`` at every scrape."""
+        self.queue_depth.set_function(depth)
+
+    def observe_results(self, results: Sequence[GenerationResult]) -> None:
+        """The results of one group of requests. Requests that ran as one batch carry equal timings
+        (the batch's), so each engine run is counted once."""
+        runs: dict[tuple[tuple[str, float], ...], int] = {}
+        for r in results:
+            key = tuple(sorted(r.timings.items()))
+            runs[key] = runs.get(key, 0) + len(r.images)
+        for timings, images in runs.items():
+            self.batch_images.observe(images)
+            self.images.inc(images)
+            for stage, seconds in timings:
+                self.stage_seconds.labels(stage).observe(seconds)
+
+    def observe_response(self, status: int, seconds: float, error_type: str | None = None) -> None:
+        self.requests.labels(str(status)).inc()
+        if error_type is not None:
+            self.errors.labels(error_type).inc()
+        elif status == 200:
+            self.request_seconds.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition format and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,127 @@
+"""The service behind the HTTP routes: loads and warms the pipeline in the background, says whether
+it is ready, queues requests on the batcher, drains and closes.
+
+States: ``loading`` (engines loading, then one warm-up generation), ``ready``, ``draining`` (after
+SIGTERM / SIGINT: queued and running requests finish, new ones are refused), ``failed`` (the package
+did not load), ``closed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from ..arguments import GenerationArguments
+from ..package import Manifest
+from ..pipeline import GenerationResult, Pipeline
+from .batch_run import BatchRunner
+from .batching import Batcher, Batching, Job
+from .limits import Limits
+from .metrics import Metrics
+from .protocol import ImageRequest
+
+log = logging.getLogger("artrt")
+
+LOADING, READY, DRAINING, FAILED, CLOSED = "loading", "ready", "draining", "failed", "closed"
+WARMUP_STEPS = 4
+
+
+class ImageService:
+    """One package served: ``load()`` returns its :class:`Pipeline` (called once, in the background)."""
+
+    def __init__(self, manifest: Manifest, load: Callable[[], Pipeline], model_id: str, limits: Limits | None = None,
+                 batching: Batching | None = None) -> None:
+        self.manifest = manifest
+        self.model_id = model_id
+        self.limits = limits or Limits()
+        self.batching = batching or Batching()
+        self.metrics = Metrics()
+        self.state = LOADING
+        self.problem: Exception | None = None  # why loading failed
+        self.on_failure: Callable[[], None] | None = None  # called once loading has failed
+        self.batcher: Batcher | None = None
+        self._load = load
+        self._pipe: Pipeline | None = None
+        self._runner: BatchRunner | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Load and warm up in a background thread; :attr:`state` becomes ``ready`` (or ``failed``)."""
+        threading.Thread(target=self._start, name="artrt-serve-load", daemon=True).start()
+
+    def submit(self, request: ImageRequest, deadline: float) -> Job | None:
+        """Queue a checked request; None when the queue is full or the service is not ready."""
+        batcher = self.batcher
+        if self.state != READY or batcher is None:
+            return None
+        return batcher.submit(request, deadline)
+
+    def drain(self, then: Callable[[], None]) -> None:
+        """Refuse new requests, let the queued and running ones finish, then call ``then()`` (from
+        another thread; returns at once, so it may be called from a signal handler)."""
+        with self._lock:
+            if self.state in (LOADING, READY):
+                self.state = DRAINING
+            batcher = self.batcher
+        log.info("draining: new requests get 503; finishing the running request(s) and %d queued",
+                 batcher.depth if batcher is not None else 0)
+
+        def wait() -> None:
+            if batcher is not None:
+                batcher.close(wait=True)
+            then()
+
+        threading.Thread(target=wait, name="artrt-serve-drain", daemon=True).start()
+
+    def close(self) -> None:
+        """Drain (waiting), then release the engines."""
+        with self._lock:
+            if self.state != FAILED:
+                self.state = CLOSED
+            batcher = self.batcher
+        if batcher is not None:
+            batcher.close(wait=True)
+        with self._lock:
+            runner, pipe = self._runner, self._pipe
+            self._pipe = self._runner = None
+        if runner is not None:
+            runner.close()
+        if pipe is not None:
+            pipe.close()
+
+    def _start(self) -> None:
+        started = time.perf_counter()
+        try:
+            pipe = self._load()
+            runner = BatchRunner(pipe)
+            steps = min(self.manifest.defaults.steps, WARMUP_STEPS)
+            runner.run([ImageRequest(GenerationArguments.check(self.manifest, "warm-up", steps=steps, seed=0))])
+        except Exception as exc:  # /health says why; the CLI exits with it
+            self.state, self.problem = FAILED, exc
+            if self.on_failure is None:
+                log.error("error: loading %s failed: %s", self.model_id, exc)
+            else:
+                log.info("loading %s failed; stopping", self.model_id)
+                self.on_failure()
+            return
+        with self._lock:
+            if self.state != LOADING:  # drained or closed while loading
+                runner.close()
+                pipe.close()
+                return
+            self._pipe, self._runner = pipe, runner
+            self.batcher = Batcher(self._run, self.batching, self.limits.max_queue)
+            self.batcher.start()
+            self.metrics.watch_queue(lambda: self.batcher.depth if self.batcher is not None else 0)
+            self.state = READY
+        log.info("%s ready on %s (loaded and warmed up in %.1f s)", self.model_id, pipe.backend,
+                 time.perf_counter() - started)
+
+    def _run(self, requests: Sequence[ImageRequest]) -> list[GenerationResult]:
+        """The batcher's runner (on its worker thread)."""
+        assert self._runner is not None
+        results = self._runner.run(requests)
+        self.metrics.observe_results(results)
+        return results

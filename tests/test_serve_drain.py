@@ -1,0 +1,166 @@
+"""``artrt serve`` as a process: SIGTERM / SIGINT drain (in-flight requests finish, new ones get 503,
+exit 0), and the command's one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+from artrt.runtime.cli import main
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_flight(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("artrt_requests_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("no artrt_requests_in_flight metric")
+
+
+HEADERS = {"Authorization": "Bearer k"}
+
+
+@contextmanager
+def server_process() -> Iterator[tuple[subprocess.Popen, str]]:
+    """``artrt serve --demo`` in its own process on a free port, ready (loaded and warm)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "artrt.runtime.cli", "serve", "--demo", "--port", str(port),
+                                "--api-key", "k", "--batch-window-ms", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.1)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def send_long_request(pool: ThreadPoolExecutor, url: str, n: int, steps: int) -> Future:
+    """A request of ``n`` images, returned once the server has it in flight."""
+    long = pool.submit(httpx.post, f"{url}/v1/images/generations", headers=HEADERS, timeout=120,
+                       content=json.dumps({"prompt": "a red circle", "n": n, "steps": steps, "seed": 1}))
+    while in_flight(url) < 1:
+        assert not long.done(), long.result().text
+        time.sleep(0.01)
+    return long
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_then_exits_0(sig):
+    with server_process() as (process, url), ThreadPoolExecutor(1) as pool:
+        long = send_long_request(pool, url, n=4, steps=100)
+        process.send_signal(sig)
+        time.sleep(0.2)
+        late = httpx.post(f"{url}/v1/images/generations", headers=HEADERS, json={"prompt": "p"})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        finished = long.result()
+        assert finished.status_code == 200 and len(finished.json()["data"]) == 4
+        output = process.communicate(timeout=60)[0]
+        assert process.returncode == 0, output
+        assert "draining" in output and "drained and stopped" in output
+
+
+def test_a_second_signal_stops_at_once_with_exit_1():
+    with server_process() as (process, url), ThreadPoolExecutor(1) as pool:
+        long = send_long_request(pool, url, n=8, steps=150)  # about 10 s
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+        assert process.returncode == 1, output
+        try:
+            status = long.result().status_code
+        except httpx.TransportError:
+            status = None
+        assert status != 200  # cut off: a 500, or no answer at all
+        assert "artrt: error: stopped before every queued request was answered" in output
+
+
+def test_missing_package_is_one_line(capsys, tmp_path):
+    assert main(["serve", "--model", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("artrt: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--max-batch", "0"], "max_batch must be >= 1"),
+    (["--max-queue", "0"], "max_queue must be >= 1"),
+    (["--timeout", "0"], "timeout must be in"),
+    (["--port", "70000"], "--port must be <= 65535"),
+    (["--batch-window-ms", "-1"], "--batch-window-ms must be in"),
+])
+def test_bad_options_are_one_line(capsys, options, words):
+    assert main(["serve", "--demo", *options]) == 1
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
+
+
+def test_model_or_demo_is_required(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["serve"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--demo", "--model", "x"])
+    assert exc.value.code == 2
+
+
+def test_help_names_the_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--host", "--port", "--api-key", "ARTRT_API_KEY", "--max-batch", "--batch-window-ms",
+                   "--max-queue", "--timeout", "--max-n", "--max-pixels", "--max-steps", "--max-body", "127.0.0.1"):
+        assert option in out, option
+
+
+def test_without_the_extra_it_names_the_extra(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert main(["serve", "--demo"]) == 1
+    assert "pip install 'artrt[serve]'" in capsys.readouterr().err
+
+
+def test_a_package_that_fails_to_load_exits_1_with_the_reason(capsys, tmp_path):
+    """The manifest reads (the server starts), loading verifies the hashes and fails: one line, exit 1."""
+    from artrt.demo.cache import shipped_dir
+
+    package = Path(shutil.copytree(shipped_dir(), tmp_path / "demo"))
+    graph = next(package.rglob("*.onnx"))
+    graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+    assert main(["serve", "--model", str(package), "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert "artrt: error:" in err and "sha256" in err
