@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -16,9 +17,10 @@ from PIL import Image
 
 from artrt.engines import Engine
 from artrt.engines.ort import max_threads
-from artrt.errors import EngineError, InputError
+from artrt.errors import ArtrtError, EngineError, InputError
 
 from .arguments import GenerationArguments, check_backend, check_int, check_memory_mode
+from .batching import StackedNoise, batch_key, split, stack_conditioning
 from .budget import check_load_fits
 from .conditioning import EncodedText, build_conditioning
 from .denoise import (
@@ -53,12 +55,18 @@ log = logging.getLogger(__name__)
 class GenerationResult:
     """Images, seconds per stage and the parameters that reproduce them. Video packages asked
     for ``num_frames > 1`` also fill ``frames``: one list of frames per video (``images`` then
-    holds the first frame of each)."""
+    holds the first frame of each). ``batch``: the images of the engine batch that made these
+    (more than ``len(images)`` when ``generate_many(batch=True)`` merged calls; the stage timings
+    are then the batch's)."""
 
     images: list[Image.Image]
     timings: dict[str, float]
     parameters: dict[str, Any] = field(default_factory=dict)
     frames: list[list[Image.Image]] | None = None
+    batch: int = 0
+
+    def __post_init__(self) -> None:
+        self.batch = self.batch or len(self.images)
 
     def save(self, path: str | Path) -> list[Path]:
         """Save with the parameters embedded: images as PNG, videos as animated WebP (``.webp``);
@@ -87,6 +95,7 @@ class _Request:
     sample: np.ndarray | None = None  # scaled initial latents, then the loop's current latents
     state: LoopState | None = None  # low memory: where the loop stands between phases
     tables: tuple[np.ndarray, np.ndarray | None] | None = None  # low memory: step scalars and noise
+    parts: list[_Request] = field(default_factory=list)  # a batch of several calls: the calls, in order
 
 
 class Pipeline:
@@ -248,13 +257,19 @@ class Pipeline:
                                 num_images, latents, num_frames)
         return self._run([request])[0]
 
-    def generate_many(self, requests: Sequence[Mapping[str, Any]]) -> list[GenerationResult]:
+    def generate_many(self, requests: Sequence[Mapping[str, Any]], batch: bool = False) -> list[GenerationResult]:
         """Run several :meth:`generate` calls (each a dict of its keyword arguments) and return their
         results, each equal to its own call. Every request is checked before any runs. With
         ``memory="low"`` they run phase by phase: each text encoder, each expert and the decoder is
-        loaded once for all of them (offline sampling's phase batching)."""
+        loaded once for all of them (offline sampling's phase batching).
+
+        ``batch=True``: requests that share every setting but the prompts, seed and image count run as
+        one engine batch (one call per step and one decode for all of them; :mod:`artrt.runtime.batching`).
+        Each still gets the images of its own call, up to the engine's batched arithmetic (identical on
+        ONNX Runtime CPU for the models tested, ``tests/test_serve_batching.py``). A group whose total
+        batch an engine profile or the memory estimate refuses runs call by call."""
         prepared = [self._prepare(**request) for request in requests]
-        return self._run(prepared) if prepared else []
+        return self._run(prepared, batch) if prepared else []
 
     def _prepare(
         self, prompt: Any, negative_prompt: Any = None, steps: Any = None, guidance: Any = None, switch: Any = None,
@@ -275,7 +290,7 @@ class Pipeline:
         ids = {name: tok([args.negative_prompt, args.prompt]) for name, tok in self.tokenizers.items()}
         return _Request(args, rng, initial, ids, {"tokenize": time.perf_counter() - tick}, started)
 
-    def _run(self, requests: list[_Request]) -> list[GenerationResult]:
+    def _run(self, requests: list[_Request], batch: bool = False) -> list[GenerationResult]:
         with self._lock:
             if self._closed:
                 raise InputError("this Pipeline is closed; load the package again")
@@ -286,22 +301,67 @@ class Pipeline:
             self._encode(requests)
             for r in requests:
                 self._plan(r)
+            runs = self._batches(requests) if batch else requests
             if self._opened.resident:
-                for r in requests:
+                for r in runs:
                     r.sample = self._denoise_resident(r)
             else:
-                self._denoise_by_phase(requests)
-            for r in requests:
+                self._denoise_by_phase(runs)
+            for r in runs:
                 self._check_finite(r.sample, "the final latents", [e.component for e in self.manifest.experts])
-            decoded = self._decode(requests)
+            decoded = self._decode(runs)
             load = self._opened.load_seconds
-        results = []
-        for r, (images, frames) in zip(requests, decoded):
-            if not self._opened.resident:
-                r.timings["load"] = load  # of the whole call, included in the stages' own seconds
-            r.timings["total"] = time.perf_counter() - r.started
-            results.append(GenerationResult(images, r.timings, {**r.args.record(self.manifest), **loras}, frames))
-        return results
+        results = {}
+        for run, (images, frames) in zip(runs, decoded):
+            parts = run.parts or [run]
+            counts = [r.args.num_images for r in parts]
+            for r, own_images, own_frames in zip(parts, split(images, counts), split(frames or images, counts)):
+                if r is not run:
+                    r.timings.update({k: v for k, v in run.timings.items() if k not in r.timings})
+                if not self._opened.resident:
+                    r.timings["load"] = load  # of the whole call, included in the stages' own seconds
+                r.timings["total"] = time.perf_counter() - r.started
+                record = {**r.args.record(self.manifest), **loras}
+                results[id(r)] = GenerationResult(own_images, r.timings, record, own_frames if frames else None,
+                                                  sum(counts))
+        return [results[id(r)] for r in requests]
+
+    def _batches(self, requests: list[_Request]) -> list[_Request]:
+        """``requests`` with those that share their settings merged into one batched request each
+        (where every engine profile and the memory estimate take the total batch)."""
+        groups: dict[GenerationArguments, list[_Request]] = {}
+        for r in requests:
+            groups.setdefault(batch_key(r.args), []).append(r)
+        runs = []
+        for group in groups.values():
+            if len(group) > 1 and self._batch_fits(group):
+                runs.append(self._merge(group))
+            else:
+                runs += group
+        return runs
+
+    def _batch_fits(self, group: list[_Request]) -> bool:
+        args = dataclasses.replace(group[0].args, num_images=sum(r.args.num_images for r in group))
+        try:
+            check_profiles(self.root, self.manifest, self.backend, args.num_images, args.height, args.width)
+            args.check_memory(self.manifest)
+        except ArtrtError as exc:
+            log.debug("not batching %d requests: %s", len(group), exc)
+            return False
+        return True
+
+    def _merge(self, group: list[_Request]) -> _Request:
+        """One request running ``group`` (planned, with the same settings) as one batch."""
+        counts = [r.args.num_images for r in group]
+        first = group[0]
+        merged = _Request(dataclasses.replace(first.args, num_images=sum(counts)),
+                          StackedNoise([r.rng for r in group], counts),  # type: ignore[arg-type]
+                          np.concatenate([r.initial for r in group]), {}, {}, first.started)
+        merged.segments, merged.scalars = first.segments, first.scalars
+        merged.feeds = [stack_conditioning([r.feeds[k] for r in group], counts) for k in range(len(first.feeds))]
+        merged.sample = np.concatenate([r.sample for r in group])
+        merged.parts = group
+        return merged
 
     def _encode(self, requests: list[_Request]) -> None:
         for name, comp in self.manifest.components.items():

@@ -45,7 +45,8 @@ def demo_pipe():
 
 class SharedPipeline:
     """The module's pipeline as one server's: closing it is a no-op (every server closes its own at
-    shutdown); ``gate`` holds generate() until set; a prompt equal to ``fail`` raises a bug."""
+    shutdown); ``gate`` holds generate() and generate_many() until set; a prompt equal to ``fail``
+    raises a bug."""
 
     def __init__(self, pipe, fail: str | None = None) -> None:
         self._pipe = pipe
@@ -58,11 +59,18 @@ class SharedPipeline:
         return getattr(self._pipe, name)
 
     def generate(self, prompt, **kwargs):
+        self._enter([prompt])
+        return self._pipe.generate(prompt, **kwargs)
+
+    def generate_many(self, requests, batch=False):
+        self._enter([r["prompt"] for r in requests])
+        return self._pipe.generate_many(requests, batch=batch)
+
+    def _enter(self, prompts) -> None:
         self.entered.set()
         self.gate.wait(60)
-        if prompt == self.fail:
+        if self.fail in prompts:
             raise RuntimeError("a bug in one request")
-        return self._pipe.generate(prompt, **kwargs)
 
     def close(self) -> None:
         pass

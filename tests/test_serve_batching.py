@@ -1,5 +1,6 @@
 """``artrt serve``'s batching: requests run as one batched loop get the images they get alone, and the
-batcher groups, bounds, retries and drains as documented (runtime/serve/batch_run.py, batching.py)."""
+batcher groups, bounds, retries and drains as documented (``Pipeline.generate_many(batch=True)``,
+runtime/batching.py, runtime/serve/batching.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from conftest import psnr
 
 from artrt.errors import InputError
 from artrt.runtime.arguments import GenerationArguments
+from artrt.runtime.batching import StackedNoise
 from artrt.runtime.pipeline import GenerationResult
-from artrt.runtime.serve.batch_run import BatchRunner, StackedNoise
 from artrt.runtime.serve.batching import Batcher, Batching
 from artrt.runtime.serve.protocol import ImageRequest
 
@@ -34,10 +35,9 @@ def requests_of(manifest, calls: list[dict]) -> list[ImageRequest]:
 def assert_alone_equals_batched(pipe, calls: list[dict]) -> None:
     """Each request's images from one batched loop equal (bytes) those of its own generate()."""
     requests = requests_of(pipe.manifest, calls)
-    runner = BatchRunner(pipe)
-    assert runner.can_batch(requests)
-    batched = runner.run(requests)
-    runner.close()
+    batched = pipe.generate_many([r.generate_kwargs() for r in requests], batch=True)
+    total = sum(r.args.num_images for r in requests)
+    assert [result.batch for result in batched] == [total] * len(requests)  # one engine batch
     for k, (request, result) in enumerate(zip(requests, batched)):
         alone = pipe.generate(**request.generate_kwargs())
         assert result.parameters == alone.parameters
@@ -69,12 +69,13 @@ def test_batched_sdxl_requests_get_their_lone_images(sdxl_pipe, sampler):
 
 
 def test_requests_that_cannot_batch_run_one_after_another(demo_pipe):
-    runner = BatchRunner(demo_pipe)
     requests = requests_of(demo_pipe.manifest, [dict(prompt="a red circle", steps=3, seed=1),
-                                                dict(prompt="a red circle", steps=4, seed=1)])
-    assert not runner.can_batch(requests)  # different keys
-    results = runner.run(requests)
-    assert [r.parameters["steps"] for r in results] == [3, 4]
+                                                dict(prompt="a red circle", steps=4, seed=1),
+                                                dict(prompt="a blue square", steps=3, seed=2)])
+    results = demo_pipe.generate_many([r.generate_kwargs() for r in requests], batch=True)
+    assert [r.parameters["steps"] for r in results] == [3, 4, 3]  # in the order asked
+    assert [r.parameters["prompt"] for r in results] == ["a red circle", "a red circle", "a blue square"]
+    assert [r.batch for r in results] == [2, 1, 2]  # the two 3-step requests ran as one batch
 
 
 def test_stacked_noise_draws_each_requests_rows_from_its_own_generator():

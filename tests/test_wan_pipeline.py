@@ -190,3 +190,15 @@ def test_unknown_transformer_class_is_one_line(wan_dir, tmp_path):
     (copy / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": "MysteryModel"}))
     with pytest.raises(ConfigError, match="transformer class MysteryModel is not supported"):
         load_wan(copy)
+
+
+def test_batched_requests_get_their_lone_frames(runtime):
+    calls = [dict(prompt=PROMPT, seed=1, steps=3, height=HEIGHT, width=WIDTH, num_frames=5),
+             dict(prompt="a blue dog", negative_prompt="", seed=2, num_images=2, steps=3, height=HEIGHT, width=WIDTH,
+                  num_frames=5)]
+    batched = runtime.generate_many(calls, batch=True)
+    assert [r.batch for r in batched] == [3, 3]
+    for call, result in zip(calls, batched):
+        alone = runtime.generate(**call)
+        for got, want in zip(result.frames, alone.frames):
+            assert np.array_equal(np.stack([np.asarray(f) for f in got]), np.stack([np.asarray(f) for f in want]))

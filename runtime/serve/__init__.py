@@ -2,12 +2,12 @@
 prometheus-client).
 
 It speaks OpenAI's ``POST /v1/images/generations`` (plus artrt's own fields), batches concurrent
-requests that share shape and settings into one engine call, bounds its queue, request sizes and
+requests that share shape and settings into one engine call
+(``Pipeline.generate_many(batch=True)``), bounds its queue, request sizes and
 time per request, and drains on SIGTERM. Modules, one job each:
 
 - ``protocol``: the request body into checked generation arguments; responses and error bodies.
 - ``limits``: the server's limits on a request (n, pixels, steps, body, queue, deadline).
-- ``batch_run``: several compatible requests as one batched loop on a loaded ``Pipeline``.
 - ``batching``: the dynamic batcher: a bounded queue and the one worker thread that owns the engines.
 - ``metrics``: Prometheus metrics of one server.
 - ``service``: loading, warm-up, readiness, submission and drain.

@@ -37,16 +37,19 @@ class Metrics:
         self.queue_depth.set_function(depth)
 
     def observe_results(self, results: Sequence[GenerationResult]) -> None:
-        """The results of one group of requests. Requests that ran as one batch carry equal timings
-        (the batch's), so each engine run is counted once."""
-        runs: dict[tuple[tuple[str, float], ...], int] = {}
-        for r in results:
-            key = tuple(sorted(r.timings.items()))
-            runs[key] = runs.get(key, 0) + len(r.images)
-        for timings, images in runs.items():
-            self.batch_images.observe(images)
-            self.images.inc(images)
-            for stage, seconds in timings:
+        """The results of one group of requests, in order; the requests merged into one engine batch
+        are consecutive (one key per group) and counted as one run, with the batch's stage seconds."""
+        i = 0
+        while i < len(results):
+            first, made = results[i], 0
+            while True:  # at least this result, then the rest of its batch
+                made += len(results[i].images)
+                i += 1
+                if i == len(results) or made >= first.batch:
+                    break
+            self.batch_images.observe(first.batch)
+            self.images.inc(made)
+            for stage, seconds in first.timings.items():
                 self.stage_seconds.labels(stage).observe(seconds)
 
     def observe_response(self, status: int, seconds: float, error_type: str | None = None) -> None:

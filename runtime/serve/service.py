@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from ..arguments import GenerationArguments
 from ..package import Manifest
 from ..pipeline import GenerationResult, Pipeline
-from .batch_run import BatchRunner
 from .batching import Batcher, Batching, Job
 from .limits import Limits
 from .metrics import Metrics
@@ -44,7 +43,6 @@ class ImageService:
         self.batcher: Batcher | None = None
         self._load = load
         self._pipe: Pipeline | None = None
-        self._runner: BatchRunner | None = None
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -84,10 +82,7 @@ class ImageService:
         if batcher is not None:
             batcher.close(wait=True)
         with self._lock:
-            runner, pipe = self._runner, self._pipe
-            self._pipe = self._runner = None
-        if runner is not None:
-            runner.close()
+            pipe, self._pipe = self._pipe, None
         if pipe is not None:
             pipe.close()
 
@@ -95,9 +90,9 @@ class ImageService:
         started = time.perf_counter()
         try:
             pipe = self._load()
-            runner = BatchRunner(pipe)
             steps = min(self.manifest.defaults.steps, WARMUP_STEPS)
-            runner.run([ImageRequest(GenerationArguments.check(self.manifest, "warm-up", steps=steps, seed=0))])
+            warm_up = ImageRequest(GenerationArguments.check(self.manifest, "warm-up", steps=steps, seed=0))
+            pipe.generate(**warm_up.generate_kwargs())
         except Exception as exc:  # /health says why; the CLI exits with it
             self.state, self.problem = FAILED, exc
             if self.on_failure is None:
@@ -108,10 +103,9 @@ class ImageService:
             return
         with self._lock:
             if self.state != LOADING:  # drained or closed while loading
-                runner.close()
                 pipe.close()
                 return
-            self._pipe, self._runner = pipe, runner
+            self._pipe = pipe
             self.batcher = Batcher(self._run, self.batching, self.limits.max_queue)
             self.batcher.start()
             self.metrics.watch_queue(lambda: self.batcher.depth if self.batcher is not None else 0)
@@ -120,8 +114,8 @@ class ImageService:
                  time.perf_counter() - started)
 
     def _run(self, requests: Sequence[ImageRequest]) -> list[GenerationResult]:
-        """The batcher's runner (on its worker thread)."""
-        assert self._runner is not None
-        results = self._runner.run(requests)
+        """The batcher's runner (on its worker thread): requests with one key as one engine batch."""
+        assert self._pipe is not None
+        results = self._pipe.generate_many([r.generate_kwargs() for r in requests], batch=True)
         self.metrics.observe_results(results)
         return results
