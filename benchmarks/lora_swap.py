@@ -87,7 +87,7 @@ def _random_lora(package: Path, path: Path, components: list[str], rank: int, se
     return path
 
 
-def child(package: str, mode: str, a: str, b: str, swaps: int, steps: int, threads: int) -> dict:
+def child(package: str, mode: str, a: str, b: str, swaps: int, steps: int, threads: int, size: int | None) -> dict:
     from artrt.runtime import Lora, Pipeline
     from artrt.runtime.engine_records import component_file
     from artrt.runtime.lora_weights import prepare_loras
@@ -99,7 +99,7 @@ def child(package: str, mode: str, a: str, b: str, swaps: int, steps: int, threa
 
     def image() -> tuple[float, str]:
         tick = time.perf_counter()
-        out = pipe.generate(PROMPT, steps=steps, seed=0)
+        out = pipe.generate(PROMPT, steps=steps, seed=0, height=size, width=size)
         return time.perf_counter() - tick, hashlib.sha256(out.images[0].tobytes()).hexdigest()
 
     image_s, digest = image()
@@ -145,6 +145,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--swaps", type=int, default=3)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--size", type=int, help="image size in pixels (default: the package's)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--work", type=Path, default=Path("build/bench-lora"))
     p.add_argument("--out")
@@ -153,7 +154,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         mode, a, b = args.child
-        print(json.dumps(child(args.package, mode, a, b, args.swaps, args.steps, args.threads)))
+        print(json.dumps(child(args.package, mode, a, b, args.swaps, args.steps, args.threads, args.size)))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     package, a, b = prepare(args.work, args.workload, args.rank)
@@ -161,13 +162,14 @@ def main() -> None:
     for mode in ("plain", "lora"):
         cmd = [sys.executable, __file__, "--package", str(package), "--child", mode, str(a), str(b), "--swaps",
                str(args.swaps), "--steps", str(args.steps), "--threads", str(args.threads)]
+        cmd += ["--size", str(args.size)] if args.size else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"{mode} failed:\n{done.stderr}")
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     plain, lora = results["plain"], results["lora"]
     report = {
-        "workload": args.workload, "rank": args.rank, "steps": args.steps, "threads": args.threads,
+        "workload": args.workload, "rank": args.rank, "steps": args.steps, "size": args.size, "threads": args.threads,
         "package_mib": sum(f.stat().st_size for f in package.rglob("*") if f.is_file()) / 2**20,
         "lora_mib": {"A": a.stat().st_size / 2**20, "B": b.stat().st_size / 2**20},
         "apply_at_load_s": lora["load_s"] - plain["load_s"], "swap_s": lora["swap_s"], "prepare_s": lora["prepare_s"],

@@ -23,6 +23,7 @@ import torch
 from artrt.runtime.package import Component, TensorInfo, TokenizerInfo
 
 from .graphs import DecoderGraph, FusedStepGraph, TextEncoderGraph
+from .lora_targets import lora_fingerprints, write_lora_targets
 from .onnx_io import compare_onnx, place_onnx, run_module, tensor_info, trace_onnx
 from .sources import ExpertSource, ModelSources, TextEncoderSource
 from .weights import LazyModule, materialize
@@ -184,6 +185,7 @@ def export_text_encoder(enc: TextEncoderSource, work: Path, precisions: Collecti
     check = {"input_ids": _token_ids(3, max_length, vocab, enc.mask_pad_id, seed=1)}
     axes = {n: {0: "batch"} for n in ["input_ids", *outputs]}
     model, owned = _load(enc.name, enc.model)
+    fingerprints = lora_fingerprints(model)  # before any fp16 conversion in place
     graph = TextEncoderGraph(model, enc.hidden_layer, enc.pooled, enc.mask_pad_id).eval()
     del model
     job = _Graph(enc.name, graph, owned, ids, check, outputs, axes, precisions)  # fp16 graph: fp16 outputs
@@ -196,7 +198,7 @@ def export_text_encoder(enc: TextEncoderSource, work: Path, precisions: Collecti
     tok = TokenizerInfo(tok_rel, max_length, int(enc.tokenizer.pad_token_id))
     comp = _component(enc.name, "text_encoder", work, graphs, tokenizer=enc.name)
     log.info("%s: done (%.1f s)", enc.name, time.perf_counter() - started)
-    return comp, tok, [*written, tok_rel]
+    return comp, tok, [*written, tok_rel, write_lora_targets(fingerprints, work, enc.name, graphs)]
 
 
 def _token_ids(batch: int, length: int, vocab: int, pad_id: int | None, seed: int) -> torch.Tensor:
@@ -253,6 +255,7 @@ def export_expert(expert: ExpertSource, sources: ModelSources, work: Path, laten
     axes = {n: LATENT_AXES for n in ("sample", "denoised_prev", "noise", "next_sample", "denoised")}
     axes.update({n: COND_AXES for n in ("encoder_hidden_states", "text_embeds", "time_ids") if n in inputs})
     unet, owned = _load(name, expert.unet)
+    fingerprints = lora_fingerprints(unet)  # before any fp16 conversion in place
     added = expert.conditioning.pooled is not None
     graph = FusedStepGraph(unet, added_conditioning=added, patch=expert.patch).eval()
     del unet
@@ -260,6 +263,7 @@ def export_expert(expert: ExpertSource, sources: ModelSources, work: Path, laten
     job = _Graph(name, graph, owned, inputs, check, ["next_sample", "denoised"], axes, precisions, CONDITIONING)
     del graph
     written, graphs = _export_graph(job, work)
+    written.append(write_lora_targets(fingerprints, work, name, graphs))
     del job
     _release_memory()
     comp = _component(name, "fused_step", work, graphs)

@@ -23,6 +23,7 @@ from artrt.runtime.package import Component, Conditioning, Expert, TokenizerInfo
 from artrt.runtime.video import CHUNK_DECODER, LATENTS, VIDEO, WAN_FAMILY, cache_name, next_cache_name
 
 from .components import _component, _export_graph, _Graph, _load, _release_memory
+from .lora_targets import lora_fingerprints, write_lora_targets
 from .sources import ExpertSource, ModelSources, TextEncoderSource, _diffusers_config, _model_index
 from .wan_graphs import COND_AXES, LATENT_NAMES, STEP_OUTPUTS, WanFlowStepGraph, prepare_transformer, step_inputs
 from .wan_graphs import LATENT_AXES as STEP_LATENT_AXES
@@ -180,11 +181,13 @@ def _export_step(expert: ExpertSource, work: Path, text_dim: int, precisions: An
     check = step_inputs(2, check_frames, ch, cw, 24, text_dim, seed=1, channels=channels)
     axes = {n: STEP_LATENT_AXES for n in LATENT_NAMES} | {"encoder_hidden_states": COND_AXES}
     transformer, owned = _load(name, expert.unet)
+    fingerprints = lora_fingerprints(transformer)  # LoRA targets: before the module is prepared or halved
     graph = WanFlowStepGraph(prepare_transformer(transformer)).eval()
     del transformer
     job = _Graph(name, graph, owned, inputs, check, list(STEP_OUTPUTS), axes, precisions, ("encoder_hidden_states",))
     del graph
     written, graphs = _export_graph(job, work)
+    written.append(write_lora_targets(fingerprints, work, name, graphs))
     del job
     _release_memory()
     return _component(name, "fused_step", work, graphs), written

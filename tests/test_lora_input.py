@@ -122,10 +122,21 @@ def test_targets_that_do_not_fit_name_the_first_and_count(package, lora_files):
         Pipeline.load(package, backend="ort-cpu", loras=[Lora(lora_files["refiner"])])
 
 
-def test_a_package_without_targets_says_so(sdxl_package, lora_files):
+def test_a_package_without_targets_says_so(sdxl_package, lora_files, tmp_path):
+    """A package exported before LoRA targets were recorded (its files and manifest entries removed)."""
+    import dataclasses
+    import shutil
+
+    from artrt.runtime.package import read_manifest, write_manifest
+
+    old = Path(shutil.copytree(sdxl_package, tmp_path / "old"))
+    m = read_manifest(old, verify_hashes=False)
+    for target in old.glob("*/lora_targets.json"):
+        target.unlink()
+    write_manifest(old, dataclasses.replace(m, files=tuple(f for f in m.files if "lora_targets" not in f.path)))
     with pytest.raises(InputError, match=r"has no LoRA targets for expert_composition "
                                          r"\(expert_composition/lora_targets\.json\)"):
-        Pipeline.load(sdxl_package, backend="ort-cpu", loras=[Lora(lora_files["base"], 1.0, "composition")])
+        Pipeline.load(old, backend="ort-cpu", loras=[Lora(lora_files["base"], 1.0, "composition")])
 
 
 def test_a_refused_set_leaves_the_active_one(package, lora_files):
