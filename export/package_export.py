@@ -153,11 +153,50 @@ def _family_defaults(sources: ModelSources, switch: Any, guidance: Any) -> tuple
     return switch, values[0] if len(set(values)) == 1 else list(values)
 
 
+@dataclass
+class _Written:
+    """What one family's exporter wrote into the work directory, and the layout it implies."""
+
+    components: dict[str, Component]
+    tokenizers: dict[str, TokenizerInfo]
+    experts: list[Expert]
+    files: list[str]
+    latent_channels: int
+    size_multiple: int
+    decoder: str | None
+    size: tuple[int, int]  # default height, width
+
+
 def _write_package(sources: ModelSources, work: Path, graphs: GraphChoice, switch: float, steps: int,
                    guidance: float | list[float]) -> Manifest:
     """Export every component into ``work``, one at a time, and write its manifest."""
-    if sources.family == WAN_FAMILY:
-        return _write_wan_package(sources, work, graphs, switch, steps, guidance)
+    write = _write_wan_graphs if sources.family == WAN_FAMILY else _write_unet_graphs
+    w = write(sources, work, graphs)
+    manifest = Manifest(
+        family=sources.family,
+        components=w.components,
+        tokenizers=w.tokenizers,
+        schedule=sources.schedule.to_dict(),
+        experts=tuple(w.experts),
+        defaults=Defaults(steps, guidance, switch, sources.default_sampler, *w.size),
+        latent_channels=w.latent_channels,
+        latent_scale=sources.latent_scale,
+        size_multiple=w.size_multiple,
+        decoder=w.decoder,
+        files=tuple(file_record(work, f) for f in w.files),
+        source=sources.info,
+        artrt_version=artrt.__version__,
+        targets=graphs.targets,
+        precision=graphs.precision,
+    )
+    if graphs.cpu:
+        manifest = add_cpu_graphs(work, manifest)  # ort-cpu graphs with fused attention
+    write_manifest(work, manifest)
+    return manifest
+
+
+def _write_unet_graphs(sources: ModelSources, work: Path, graphs: GraphChoice) -> _Written:
+    """UNet pairs: every text encoder, the two fused-step experts, the VAE decoder."""
     components: dict[str, Component] = {}
     tokenizers: dict[str, TokenizerInfo] = {}
     files: list[str] = []
@@ -178,56 +217,16 @@ def _write_package(sources: ModelSources, work: Path, graphs: GraphChoice, switc
         components[comp.name], decoder = comp, comp.name
         files += written
     config, patch = sources.experts[0].unet.config, sources.experts[0].patch
-    default_size = int(config.sample_size) * sources.latent_scale * patch
-    manifest = Manifest(
-        family=sources.family,
-        components=components,
-        tokenizers=tokenizers,
-        schedule=sources.schedule.to_dict(),
-        experts=tuple(experts),
-        defaults=Defaults(steps, guidance, switch, sources.default_sampler, default_size, default_size),
-        latent_channels=int(config.in_channels) // patch**2,
-        latent_scale=sources.latent_scale,
-        size_multiple=sources.latent_scale * patch * 2 ** (len(config.block_out_channels) - 1),
-        decoder=decoder,
-        files=tuple(file_record(work, f) for f in files),
-        source=sources.info,
-        artrt_version=artrt.__version__,
-        targets=graphs.targets,
-        precision=graphs.precision,
-    )
-    if graphs.cpu:
-        manifest = add_cpu_graphs(work, manifest)  # ort-cpu graphs with fused attention
-    write_manifest(work, manifest)
-    return manifest
+    size = int(config.sample_size) * sources.latent_scale * patch
+    return _Written(components, tokenizers, experts, files, int(config.in_channels) // patch**2,
+                    sources.latent_scale * patch * 2 ** (len(config.block_out_channels) - 1), decoder, (size, size))
 
 
-def _write_wan_package(sources: ModelSources, work: Path, graphs: GraphChoice, switch: float, steps: int,
-                       guidance: float | list[float]) -> Manifest:
+def _write_wan_graphs(sources: ModelSources, work: Path, graphs: GraphChoice) -> _Written:
     """The Wan family: UMT5, two flow-step experts, the VAE's first and chunk decoders (wan_package)."""
     components, experts, layout, files = write_wan_graphs(sources, work, graphs)
-    height, width = WAN_DEFAULT_SIZE
-    manifest = Manifest(
-        family=sources.family,
-        components=components,
-        tokenizers=layout["tokenizers"],
-        schedule=sources.schedule.to_dict(),
-        experts=tuple(experts),
-        defaults=Defaults(steps, guidance, switch, sources.default_sampler, height, width),
-        latent_channels=layout["latent_channels"],
-        latent_scale=sources.latent_scale,
-        size_multiple=layout["size_multiple"],
-        decoder=layout["decoder"],
-        files=tuple(file_record(work, f) for f in files),
-        source=sources.info,
-        artrt_version=artrt.__version__,
-        targets=graphs.targets,
-        precision=graphs.precision,
-    )
-    if graphs.cpu:
-        manifest = add_cpu_graphs(work, manifest)
-    write_manifest(work, manifest)
-    return manifest
+    return _Written(components, layout["tokenizers"], experts, files, layout["latent_channels"],
+                    layout["size_multiple"], layout["decoder"], WAN_DEFAULT_SIZE)
 
 
 def _check_resources(sources: ModelSources, work: Path, graphs: GraphChoice) -> None:
