@@ -7,7 +7,11 @@ Builds the random SDXL base + refiner pair of the workload from configs
 optimum, then times end-to-end generation (prompt to decoded image) of every peer with the
 same latents, prompt, steps, switch, guidance, Euler sampler and thread count. The ``demo``
 workload is the embedded demo model (32 px, its own defaults: DPM-Solver++(2M), switch and
-guidance from ``demo.json``) in artrt and in a PyTorch loop of diffusers' pieces. Runs are
+guidance from ``demo.json``) in artrt and in a PyTorch loop of diffusers' pieces. The
+``wan-tiny`` / ``wan-small`` workloads are a random Wan 2.2 two-expert ``WanPipeline`` folder
+(``artrt.export.wan_models``) in artrt and in diffusers' ``WanPipeline``: same latents
+``[1, 16, (frames - 1)/4 + 1, H/8, W/8]``, prompt and negative prompt, guidance pair, boundary,
+UniPC steps, and ``--frames`` frames (1: text to image), every frame compared. Runs are
 interleaved (one run of each peer per round) so drift in the machine's speed hits every
 peer alike. Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``--out``. A peer
 that fails is recorded with the reason, and the others still run.
@@ -24,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from peers import DEFAULT_PEERS, DEMO_PEERS, DEMO_PROMPT, PEERS, Settings
+from peers import DEFAULT_PEERS, DEMO_PEERS, DEMO_PROMPT, PEERS, WAN_NEGATIVE, WAN_PEERS, WAN_PROMPT, Settings
 from report import write_outputs
 
 from artrt.runtime.cli.bench import stage_values
@@ -32,16 +36,22 @@ from artrt.runtime.cli.bench_report import busy_cpu_seconds, machine_info, other
 
 log = logging.getLogger("benchmarks")
 EXPERTS = [("composition", "expert_composition"), ("detail", "expert_detail")]
+WAN_WORKLOADS = {"wan-tiny": "tiny", "wan-small": "small"}  # workload -> artrt.export.wan_models size
+WAN_GUIDANCE = (4.0, 3.0)  # Wan 2.2 T2V-A14B's guidance_scale, guidance_scale_2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workload", choices=("tiny", "small", "large", "demo"), default="tiny",
-                   help="random SDXL pair size, or the embedded demo model")
+    p.add_argument("--workload", choices=("tiny", "small", "large", "demo", *WAN_WORKLOADS), default="tiny",
+                   help="random SDXL pair size, the embedded demo model, or a random Wan 2.2 pair (wan-*)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--size", type=int, help="image height and width in pixels (default 256; demo: 32, fixed)")
-    p.add_argument("--switch", type=float, help="default 0.8 (demo: its demo.json)")
-    p.add_argument("--guidance", type=float, help="default 5 (demo: its demo.json)")
+    p.add_argument("--size", type=int, help="image height and width in pixels (default 256; demo: 32, fixed; "
+                   "wan-tiny: 32x48, wan-small: 64x96)")
+    p.add_argument("--frames", type=int, default=1, help="wan-*: video frames, 4k+1 (default 1: one image)")
+    p.add_argument("--switch", type=float, help="default 0.8 (demo: its demo.json; wan-*: the folder's "
+                   "boundary_ratio, 0.875)")
+    p.add_argument("--guidance", type=float, help="default 5 (demo: its demo.json; wan-*: 4)")
+    p.add_argument("--guidance-2", type=float, help="wan-*: the low-noise expert's guidance (default 3)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per peer after warm-up (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per peer (default 1)")
     p.add_argument("--threads", type=int, help="threads for every peer (default: usable cores)")
@@ -70,8 +80,40 @@ def latent_scale(models: Path) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def workload(args: argparse.Namespace) -> tuple[Settings, Path, tuple[int, int, int, int]]:
+def make_wan_models(size: str, folder: Path) -> Path:
+    if not (folder / "model_index.json").is_file():
+        from artrt.export.wan_models import write_wan_pair
+
+        log.info("building the random %s Wan 2.2 pair in %s", size, folder)
+        write_wan_pair(folder, size=size, seed=0)
+    return folder
+
+
+def wan_workload(args: argparse.Namespace) -> tuple[Settings, Path, tuple[int, ...]]:
+    """Settings, WanPipeline folder and latent shape of a ``wan-*`` workload."""
+    from artrt.export.wan_models import BOUNDARY_RATIO, SIZES
+
+    size = WAN_WORKLOADS[args.workload]
+    frames = args.frames
+    if frames < 1 or (frames - 1) % 4:
+        raise SystemExit(f"compare.py: error: --frames must be 4k+1 (1, 5, 9, ...), got {frames}")
+    defaults = SIZES[size].defaults
+    height, width = (args.size, args.size) if args.size else (defaults["height"], defaults["width"])
+    if height % 16 or width % 16:
+        raise SystemExit(f"compare.py: error: Wan sizes are multiples of 16, got {height}x{width}")
+    settings = Settings(args.steps, height, width, _given(args.switch, BOUNDARY_RATIO),
+                        _given(args.guidance, WAN_GUIDANCE[0]), "unipc", WAN_PROMPT, WAN_NEGATIVE, frames,
+                        _given(args.guidance_2, WAN_GUIDANCE[1]))
+    models = make_wan_models(size, args.work / args.workload / "models")
+    return settings, models, (1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
+
+
+def workload(args: argparse.Namespace) -> tuple[Settings, Path, tuple[int, ...]]:
     """Settings, model folder and latent shape of ``args.workload``."""
+    if args.workload in WAN_WORKLOADS:
+        return wan_workload(args)
+    if args.frames != 1:
+        raise SystemExit("compare.py: error: --frames applies to the wan-* workloads")
     if args.workload == "demo":
         from artrt.export.shapes_demo import IMAGE_SIZE, WEIGHTS, read_card
 
@@ -96,16 +138,18 @@ def prepare(names: list[str], models: Path, work: Path, settings: Settings, thre
             workload: str = "tiny") -> tuple[dict, dict]:
     """Load every peer; returns ``(peers, results)`` where failed peers have only an error."""
     peers, results = {}, {}
-    available = DEMO_PEERS if workload == "demo" else PEERS
+    available = DEMO_PEERS if workload == "demo" else WAN_PEERS if workload in WAN_WORKLOADS else PEERS
     for key in names:
         if key not in available:
             results[key] = {"name": key, "error": f"no {key} peer for the {workload} workload"}
             continue
         peer = available[key](models, settings)
         try:
-            started = time.perf_counter()
+            started, rss = time.perf_counter(), rss_mib()
             peer.prepare(work, threads)
             results[key] = {"name": peer.name, "load_s": time.perf_counter() - started, "times": []}
+            if rss is not None:  # what loading (and any export) left resident; peers share the process
+                results[key]["load_rss_mib"] = rss_mib() - rss
             peers[key] = peer
         except Exception as exc:  # a peer that cannot run is a result, not a crash
             log.exception("%s cannot run", peer.name)
@@ -162,6 +206,27 @@ def summarize_results(results: dict, images: dict[str, np.ndarray]) -> None:
             r["artrt_speedup"] = r["p50"] / ours  # > 1: artrt is faster
 
 
+def rss_mib() -> float | None:
+    """The process's resident memory now, MiB (None where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mib() -> float | None:
+    """The process's peak resident memory so far, MiB (``ru_maxrss``: every peer together)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -196,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     machine["other_processes_cores"] = other_cores(cpu_before, busy_cpu_seconds(), started)
     summarize_results(results, images)
     machine["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    machine["peak_rss_mib"] = peak_rss_mib()  # of the whole run: every peer is loaded in this one process
     name = f"{args.workload}-{settings.height}px-{args.steps}steps"
+    if args.workload in WAN_WORKLOADS:
+        name = f"{args.workload}-{settings.height}x{settings.width}px-{settings.frames}f-{args.steps}steps"
     settings_record = {**vars(settings), "threads": threads, "runs": args.runs, "warmup": args.warmup,
                        "pause_s": args.pause, "seed": args.seed, "workload": args.workload}
     report = {"benchmark": name, "machine": machine, "settings": settings_record, "peers": results}

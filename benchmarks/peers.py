@@ -6,8 +6,10 @@ the given unit-variance latents and returns it as ``uint8 [H, W, 3]``. Every pee
 ensemble of expert denoisers the same way: first expert for ``t >= cutoff``
 (``denoising_end=switch``), second below (``denoising_start=switch``), no re-noising.
 
-Two workloads: a random SDXL base + refiner (:data:`PEERS`) and the embedded demo model, two
-same-architecture pixel-space experts (:data:`DEMO_PEERS`; optimum has no pipeline for it).
+Three kinds of workload: a random SDXL base + refiner (:data:`PEERS`), the embedded demo model,
+two same-architecture pixel-space experts (:data:`DEMO_PEERS`; optimum has no pipeline for it),
+and a random Wan 2.2 two-expert ``WanPipeline`` folder (:data:`WAN_PEERS`: artrt against
+diffusers' ``WanPipeline``; ``run`` returns every frame, ``uint8 [T, H, W, 3]``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 log = logging.getLogger("benchmarks.peers")
 PROMPT = "a lighthouse at dusk"
 DEMO_PROMPT = "a red circle left of a blue square"
+WAN_PROMPT = "a red cat with a blue dog"
+WAN_NEGATIVE = "blurry, low quality"
 
 
 @dataclass(frozen=True)
@@ -33,10 +37,14 @@ class Settings:
     guidance: float
     sampler: str = "euler"
     prompt: str = PROMPT
+    negative_prompt: str = ""  # Wan only (the SDXL and demo peers run without one)
+    frames: int = 1  # Wan: video frames (4k + 1)
+    guidance_2: float | None = None  # Wan: the low-noise expert's guidance (guidance_scale_2)
 
 
 def to_uint8(images: Any) -> np.ndarray:
-    """First image of a diffusers ``output_type="np"`` batch, rounded as diffusers' PIL output is."""
+    """First image (or video: ``[T, H, W, 3]``) of a diffusers ``output_type="np"`` batch, rounded
+    as diffusers' PIL output is."""
     return np.round(np.clip(np.asarray(images)[0], 0, 1) * 255).astype(np.uint8)
 
 
@@ -243,7 +251,66 @@ class DemoTorchPeer:
         return to_uint8(self.pipe(s.prompt, torch.from_numpy(latents.copy()), s.steps, s.guidance, s.switch))
 
 
+class WanArtrtPeer(ArtrtPeer):
+    """artrt on a package exported from the Wan folder (``load_wan`` + ``export_package``, fp32
+    graphs for ``ort-cpu``): text encoder, both flow-step experts, the causal VAE decode."""
+
+    def package(self, work: Path) -> Path:
+        package = work / "artrt"
+        if not (package / "artrt.json").is_file():
+            from artrt.export import export_package
+            from artrt.export.wan_package import load_wan
+
+            log.info("exporting the Wan package to %s", package)
+            export_package(load_wan(self.models), package, steps=self.s.steps, targets=("cpu",), overwrite=True)
+        return package
+
+    def run(self, latents: np.ndarray) -> np.ndarray:
+        s = self.s
+        out = self.pipe.generate(s.prompt, negative_prompt=s.negative_prompt, latents=latents, steps=s.steps,
+                                 guidance=[s.guidance, _second(s)], switch=s.switch, sampler=s.sampler,
+                                 height=s.height, width=s.width, num_frames=s.frames)
+        self.last_timings = out.timings
+        frames = out.frames[0] if out.frames is not None else [out.images[0]]
+        return np.stack([np.asarray(f) for f in frames])
+
+
+def _second(s: Settings) -> float:
+    return s.guidance if s.guidance_2 is None else s.guidance_2
+
+
+class WanDiffusersPeer:
+    """diffusers' ``WanPipeline`` on PyTorch (CPU, fp32) from the same folder, its own UniPC
+    scheduler, ``boundary_ratio`` set to the workload's switch."""
+
+    name = "diffusers (PyTorch)"
+
+    def __init__(self, models: Path, settings: Settings) -> None:
+        self.models, self.s, self.pipe = models, settings, None
+
+    def prepare(self, work: Path, threads: int) -> None:
+        import torch
+        from diffusers import WanPipeline
+
+        torch.set_num_threads(threads)
+        self.pipe = WanPipeline.from_pretrained(self.models, torch_dtype=torch.float32, local_files_only=True)
+        self.pipe.register_to_config(boundary_ratio=self.s.switch)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def run(self, latents: np.ndarray) -> np.ndarray:
+        import torch
+
+        s = self.s
+        with torch.inference_mode():
+            frames = self.pipe(s.prompt, negative_prompt=s.negative_prompt, height=s.height, width=s.width,
+                               num_frames=s.frames, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                               guidance_scale_2=_second(s), latents=torch.from_numpy(latents.copy()),
+                               output_type="np").frames
+        return to_uint8(frames)
+
+
 PEERS = {"artrt": ArtrtPeer, "diffusers": DiffusersPeer, "optimum": OptimumPeer, "artrt-plain": ArtrtPlainPeer,
          "optimum-nospin": OptimumNoSpinPeer}
 DEFAULT_PEERS = ("artrt", "diffusers", "optimum")
 DEMO_PEERS = {"artrt": DemoArtrtPeer, "diffusers": DemoTorchPeer}
+WAN_PEERS = {"artrt": WanArtrtPeer, "diffusers": WanDiffusersPeer}

@@ -25,8 +25,12 @@ def heading(report: dict[str, Any]) -> tuple[str, str]:
     """Title and machine line shared by the table and the chart."""
     s, m = report["settings"], report["machine"]
     model = "demo model" if s["workload"] == "demo" else f"{s['workload']} SDXL pair"
+    guidance = f"{s['guidance']:g}"
+    if s["workload"].startswith("wan-"):  # a Wan 2.2 pair: frames and one guidance per expert
+        model = f"{s['workload'].removeprefix('wan-')} Wan 2.2 pair, {s.get('frames', 1)} frame(s)"
+        guidance = f"{s['guidance']:g}/{s.get('guidance_2') or s['guidance']:g}"
     title = (f"{model}, {s['height']}x{s['width']} px, {s['steps']} steps, switch {s['switch']}, "
-             f"guidance {s['guidance']:g}, {s['sampler']}")
+             f"guidance {guidance}, {s['sampler']}")
     other = m.get("other_processes_cores")
     machine = (f"{m['cpu']}, {m['cores']} cores, threads per runtime: {s['threads']}; {m['date']}"
                + ("" if other is None else f"; other processes used {other:.2f} cores meanwhile"))

@@ -5,6 +5,10 @@
   (min = opt = max from height, width and batch), or ranges with ``dynamic``.
 - ``ort-cuda``: the ONNX Runtime transformers optimizer's fused graph per component.
 
+Profiles size every symbolic dimension of a component's inputs (the manifest's shapes; see
+:mod:`artrt.runtime.engine_records`): Wan packages add ``latent_frames`` (from ``frames``),
+``text_length`` (the tokenizer's ``max_length``) and the VAE caches' ``latent_height_xK``.
+
 Engines that are up to date for the request are kept (``rebuild`` forces them); each new
 engine is written atomically and recorded in the manifest at once, so an interrupted
 build leaves a valid package. The planning functions here are pure and testable without
@@ -24,12 +28,16 @@ from artrt.runtime.engine_records import (
     ENGINE_DIR,
     EngineRecord,
     SystemInfo,
+    dimension_size,
     engine_file_name,
     find_record,
     format_capability,
+    has_frame_axis,
+    latent_frames,
     make_record,
     source_onnx,
     staleness,
+    text_length,
     with_record,
 )
 from artrt.runtime.package import Manifest, read_manifest, resolve, sha256_file, write_manifest
@@ -47,11 +55,13 @@ Range = tuple[int, int, int]  # (min, opt, max)
 
 @dataclass(frozen=True)
 class DynamicRange:
-    """Bounds of a dynamic build; None takes half / 1.5x the requested size and the batch."""
+    """Bounds of a dynamic build; None takes half / 1.5x the requested size, the batch and the
+    frames (video packages: latent frames range from 1 to those of ``max_frames``)."""
 
     min_size: int | None = None
     max_size: int | None = None
     max_batch: int | None = None
+    max_frames: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,20 +75,35 @@ class BuildRequest:
     timing_cache: Path | None = None  # None: <package>/engines/timing.cache
     rebuild: bool = False
     refittable: bool = False  # trt: plans whose weights LoRA can refit (docs/lora.md)
+    frames: int = 1  # video packages (Wan): frames per video, 4k + 1 (latent frames (frames - 1)/4 + 1)
+
+
+def _check_frames(manifest: Manifest, flag: str, frames: int) -> int:
+    """The latent frames of ``frames`` video frames, or one :class:`InputError` line."""
+    if frames < 1 or (frames - 1) % 4:
+        raise InputError(f"{flag} must be 4k+1 (1, 5, 9, ...), got {frames}")
+    if frames != 1 and not has_frame_axis(manifest):
+        raise InputError(f"{flag} applies to video packages (wan); this {manifest.family} package makes "
+                         "single images")
+    return latent_frames(frames)
 
 
 def dimension_ranges(
-    manifest: Manifest, height: int, width: int, batch: int, dynamic: DynamicRange | None = None
+    manifest: Manifest, height: int, width: int, batch: int, dynamic: DynamicRange | None = None, frames: int = 1,
 ) -> dict[str, Range]:
-    """(min, opt, max) of every symbolic dimension the exported graphs use."""
+    """(min, opt, max) of every symbolic dimension the exported graphs use, but those of one
+    component (``text_length``, the text encoders' batch; :func:`component_ranges`) and the
+    ones derived from others (``latent_height_xK``)."""
     multiple = manifest.size_multiple
     for flag, value in (("--height", height), ("--width", width)):
         if value <= 0 or value % multiple:
             raise InputError(f"{flag} must be a positive multiple of {multiple}, got {value}")
     if batch < 1:
         raise InputError(f"--batch must be at least 1, got {batch}")
+    latent = _check_frames(manifest, "--frames", frames)
     sizes = {"height": (height,) * 3, "width": (width,) * 3}
     batches = (batch,) * 3
+    latents = (latent,) * 3
     if dynamic is not None:
         low = dynamic.min_size or max(multiple, min(height, width) // 2 // multiple * multiple)
         high = dynamic.max_size or -(-max(height, width) * 3 // 2 // multiple) * multiple
@@ -92,6 +117,11 @@ def dimension_ranges(
             raise InputError(f"--max-batch {top} is smaller than --batch {batch}")
         sizes = {"height": (low, height, high), "width": (low, width, high)}
         batches = (1, batch, top)
+        most = frames if dynamic.max_frames is None else dynamic.max_frames
+        top_latent = _check_frames(manifest, "--max-frames", most)
+        if most < frames:
+            raise InputError(f"--max-frames {most} is smaller than --frames {frames}")
+        latents = (1, latent, top_latent)
     scale = manifest.latent_scale
     return {
         **sizes,
@@ -99,27 +129,45 @@ def dimension_ranges(
         "latent_width": tuple(v // scale for v in sizes["width"]),
         "batch": batches,
         "cond_batch": tuple(2 * b for b in batches),
+        "latent_frames": latents,
     }
 
 
-def plan_profiles(
-    manifest: Manifest, component: str, height: int, width: int, batch: int, dynamic: DynamicRange | None = None
-) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """The optimization profile of one component: input -> (min, opt, max) shapes."""
-    ranges = dimension_ranges(manifest, height, width, batch, dynamic)
+def component_ranges(
+    manifest: Manifest, component: str, height: int, width: int, batch: int, dynamic: DynamicRange | None = None,
+    frames: int = 1,
+) -> dict[str, Range]:
+    """(min, opt, max) of every symbolic dimension of ``component``'s inputs: text encoders always
+    take 2 prompts, ``text_length`` is the tokenizer's ``max_length``, ``latent_height_xK`` is K
+    times ``latent_height``. A dimension artrt cannot size is one :class:`BuildError`."""
+    ranges = dimension_ranges(manifest, height, width, batch, dynamic, frames)
     comp = manifest.components[component]
     if comp.kind == "text_encoder":
         ranges["batch"] = (TEXT_BATCH,) * 3
-    profile = {}
+    length = text_length(manifest, component)
+    if length is not None:
+        ranges["text_length"] = (length,) * 3
+    found: dict[str, Range] = {}
     for tensor in comp.inputs:
-        dims = []
         for d in tensor.shape:
-            if isinstance(d, int):
-                dims.append((d, d, d))
-            elif d in ranges:
-                dims.append(ranges[d])
-            else:
+            if isinstance(d, int) or d in found:
+                continue
+            sized = [dimension_size(d, {k: v[i] for k, v in ranges.items()}) for i in range(3)]
+            if any(v is None for v in sized):
                 raise BuildError(f"{component}: input {tensor.name} has a dimension {d!r} artrt cannot size")
+            found[d] = tuple(sized)  # type: ignore[assignment]
+    return found
+
+
+def plan_profiles(
+    manifest: Manifest, component: str, height: int, width: int, batch: int, dynamic: DynamicRange | None = None,
+    frames: int = 1,
+) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """The optimization profile of one component: input -> (min, opt, max) shapes."""
+    ranges = component_ranges(manifest, component, height, width, batch, dynamic, frames)
+    profile = {}
+    for tensor in manifest.components[component].inputs:
+        dims = [(d, d, d) if isinstance(d, int) else ranges[d] for d in tensor.shape]
         profile[tensor.name] = tuple(tuple(dim[i] for dim in dims) for i in range(3))
     return profile
 
@@ -134,7 +182,9 @@ def build_engines(package: str | Path, request: BuildRequest) -> Manifest:
         raise InputError("--refittable applies to --backend trt (ONNX Runtime takes new weights without it)")
     height = request.height or manifest.defaults.height
     width = request.width or manifest.defaults.width
-    dimension_ranges(manifest, height, width, request.batch, request.dynamic)  # validate before any work
+    frames = request.frames
+    for name in manifest.components:  # validate before any work (every dimension sized)
+        component_ranges(manifest, name, height, width, request.batch, request.dynamic, frames)
     system = _system(request.backend)
     cache = request.timing_cache or root / ENGINE_DIR / "timing.cache"
     started = time.perf_counter()
@@ -142,7 +192,7 @@ def build_engines(package: str | Path, request: BuildRequest) -> Manifest:
         profile = {}
         static_step = request.dynamic is None and manifest.components[name].kind == "fused_step"
         if request.backend == "trt" or static_step:  # fused ort-cuda steps are built for one static shape
-            profile = plan_profiles(manifest, name, height, width, request.batch, request.dynamic)
+            profile = plan_profiles(manifest, name, height, width, request.batch, request.dynamic, frames)
         reasons = build_reasons(root, manifest, name, request.backend, system, profile, request.rebuild,
                                 request.refittable)
         if not reasons:
@@ -154,9 +204,10 @@ def build_engines(package: str | Path, request: BuildRequest) -> Manifest:
             record = _build_plan(root, manifest, name, profile, request, system, cache)
         else:
             dims = None
-            if request.dynamic is None and manifest.components[name].kind == "fused_step":
-                dims = {k: v[1] for k, v in dimension_ranges(manifest, height, width, request.batch).items()}
-            record = _build_fused(root, manifest, name, system, dims)
+            if static_step:
+                dims = {k: v[1] for k, v in component_ranges(manifest, name, height, width, request.batch,
+                                                             frames=frames).items()}
+            record = _build_fused(root, manifest, name, system, dims, profile or None)
         manifest = with_record(root, manifest, record)
         write_manifest(root, manifest)
         log.info("%s: wrote %s (%.1f MB) in %.1f s", name, record.file, record.size / 1e6, time.perf_counter() - step)
@@ -230,18 +281,21 @@ def _fix_dims(source: Path, dims: dict[str, int], dst: Path) -> Path:
     model = onnx.load(str(source), load_external_data=False)  # weights are copied in chunks
     for value in (*model.graph.input, *model.graph.output):
         for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param in dims:
-                dim.dim_value = dims[dim.dim_param]
+            size = dimension_size(dim.dim_param, dims) if dim.dim_param else None
+            if size is not None:
+                dim.dim_value = size
     save_onnx(model, dst, source_dir=source.parent)
     return dst
 
 
 def _build_fused(
-    root: Path, manifest: Manifest, name: str, system: SystemInfo, dims: dict[str, int] | None = None
+    root: Path, manifest: Manifest, name: str, system: SystemInfo, dims: dict[str, int] | None = None,
+    profile: dict[str, tuple[Shape, Shape, Shape]] | None = None,
 ) -> EngineRecord:
     """Fuse into a scratch folder, then move the files (graph + any external data) into place.
 
-    With ``dims`` (static builds of expert steps) the graph is first fixed to those shapes."""
+    With ``dims`` (static builds of expert steps) the graph is first fixed to those shapes, and
+    ``profile`` (their static profile, min = opt = max) is recorded."""
     from .ort_optimize import optimize_for_cuda
 
     engines = root / ENGINE_DIR
@@ -262,12 +316,11 @@ def _build_fused(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     extra = [f"{ENGINE_DIR}/{f}" for f in produced if f != out.name]
-    profile = None
-    if dims is not None:
-        profile = {i.name: [[dims.get(d, d) if isinstance(d, str) else d for d in i.shape]] * 3
-                   for i in manifest.components[name].inputs}
+    if dims is None:
+        profile = None
     return make_record(root, manifest, name, "ort-cuda", f"{ENGINE_DIR}/{out.name}", system=system,
                        extra_files=extra, profile=profile)
 
 
-__all__ = ["BuildRequest", "DynamicRange", "build_engines", "build_reasons", "dimension_ranges", "plan_profiles"]
+__all__ = ["BuildRequest", "DynamicRange", "build_engines", "build_reasons", "component_ranges", "dimension_ranges",
+           "plan_profiles"]

@@ -9,11 +9,19 @@ loads for a component and refuses a stale engine of either backend with the comm
 rebuilds it; :func:`check_profiles` refuses a request size the recorded profiles do not
 cover, before any work. A component with no record on ``ort-cuda`` is not stale but
 unbuilt: it runs the package's plain ONNX. Imports neither torch nor TensorRT.
+
+The graphs' symbolic dimensions (the manifest's input shapes) and what sizes them, here for
+requests and in ``export.build`` for profiles: ``batch`` (images; 2 prompts for text
+encoders), ``cond_batch`` (2 x batch), ``height``/``width``, ``latent_height``/``latent_width``
+(pixels / latent scale), ``latent_height_xK``/``latent_width_xK`` (K times those: the Wan
+decoder's caches), ``latent_frames`` (Wan experts: (frames - 1)/4 + 1) and ``text_length``
+(the tokens per prompt of the encoders that feed the component: its tokenizer's max_length).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -29,8 +37,10 @@ log = logging.getLogger(__name__)
 ENGINE_DIR = "engines"
 ENGINE_SUFFIX = {"trt": ".plan", "ort-cuda": ".cuda.onnx"}
 ENGINE_KIND = {"trt": "TensorRT engine", "ort-cuda": "fused ONNX Runtime CUDA graph"}
-LATENT_INPUTS = ("sample", "latents")  # the [B, C, h, w] input of expert steps / the decoder
+LATENT_INPUTS = ("sample", "latents")  # the [B, C, (F,) h, w] input of expert steps / the decoder
 TEXT_BATCH = 2  # text encoders always run [negative, prompt] (as export.build.TEXT_BATCH)
+FRAMES_PER_LATENT = 4  # video frames per latent frame after the first (runtime.video.FRAMES_PER_CHUNK)
+_SCALED = re.compile(r"(latent_height|latent_width)_x([1-9][0-9]*)")  # the Wan decoder caches' axes
 Shape = tuple[int, ...]
 
 
@@ -228,29 +238,81 @@ def component_file(
     return resolve(root, record.file)
 
 
-def request_shapes(manifest: Manifest, component: str, batch: int, height: int, width: int) -> dict[str, Shape]:
-    """The input shapes ``component`` runs with for ``batch`` images of ``height`` x ``width``
-    pixels, sized as ``artrt build`` sizes profiles (``export.build.plan_profiles``): latents
-    ``[batch, C, height/s, width/s]``; the expert's conditioning (unconditional and conditional
-    halves) ``cond_batch = 2 * batch``; text encoders always 2 prompts. Inputs with a dimension
-    artrt does not size are left out."""
+def latent_frames(num_frames: int) -> int:
+    """Latent frames of a video of ``num_frames`` (= 4k + 1) frames (``runtime.video.latent_frames``)."""
+    return (num_frames - 1) // FRAMES_PER_LATENT + 1
+
+
+def video_frames(latent: int) -> int:
+    """Video frames decoded from ``latent`` latent frames: 1 + 4 (latent - 1)."""
+    return 1 + FRAMES_PER_LATENT * (latent - 1)
+
+
+def text_length(manifest: Manifest, component: str) -> int | None:
+    """Tokens per prompt of the text that feeds ``component`` (its ``text_length`` axis): a text
+    encoder's tokenizer's ``max_length``; for an expert step, that of the encoders its
+    conditioning reads (512 for Wan's UMT5, 77 for CLIP). None where no tokenizer says (or
+    the encoders disagree)."""
+    comp = manifest.components[component]
+    encoders = [component] if comp.kind == "text_encoder" else [
+        name for e in manifest.experts if e.component == component for name in e.conditioning.text_encoders]
+    lengths = set()
+    for name in encoders:
+        tokenizer = manifest.components[name].tokenizer if name in manifest.components else None
+        if tokenizer in manifest.tokenizers:
+            lengths.add(int(manifest.tokenizers[tokenizer].max_length))
+    return lengths.pop() if len(lengths) == 1 else None
+
+
+def dimension_size(dim: str, sizes: Mapping[str, int]) -> int | None:
+    """The size of the symbolic dimension ``dim``: from ``sizes``, or ``latent_height_xK`` /
+    ``latent_width_xK`` as K times ``latent_height`` / ``latent_width``; None when unknown."""
+    if dim in sizes:
+        return int(sizes[dim])
+    scaled = _SCALED.fullmatch(dim)
+    if scaled is not None and scaled[1] in sizes:
+        return int(sizes[scaled[1]]) * int(scaled[2])
+    return None
+
+
+def request_shapes(
+    manifest: Manifest, component: str, batch: int, height: int, width: int, num_frames: int | None = None,
+) -> dict[str, Shape]:
+    """The input shapes ``component`` runs with for ``batch`` images (or videos of ``num_frames``
+    frames) of ``height`` x ``width`` pixels, sized as ``artrt build`` sizes profiles
+    (``export.build.plan_profiles``): latents ``[batch, C, height/s, width/s]`` (Wan:
+    ``[batch, C, latent_frames, height/s, width/s]``; the decoders take one latent frame and
+    caches ``K·height/s``); the expert's conditioning (unconditional and conditional halves)
+    ``cond_batch = 2 * batch`` by ``text_length`` tokens; text encoders always 2 prompts.
+    Inputs with a dimension artrt does not size are left out: with ``num_frames`` None, the Wan
+    experts' latents (their frames are not known)."""
     scale = manifest.latent_scale
     comp = manifest.components[component]
     sizes = {
         "height": height, "width": width, "latent_height": height // scale, "latent_width": width // scale,
         "batch": TEXT_BATCH if comp.kind == "text_encoder" else batch, "cond_batch": 2 * batch,
     }
-    return {
-        t.name: tuple(d if isinstance(d, int) else sizes[d] for d in t.shape)
-        for t in comp.inputs
-        if all(isinstance(d, int) or d in sizes for d in t.shape)
-    }
+    if num_frames is not None:
+        sizes["latent_frames"] = latent_frames(num_frames)
+    length = text_length(manifest, component)
+    if length is not None:
+        sizes["text_length"] = length
+    shapes = {}
+    for t in comp.inputs:
+        dims = [d if isinstance(d, int) else dimension_size(d, sizes) for d in t.shape]
+        if all(d is not None for d in dims):
+            shapes[t.name] = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+    return shapes
 
 
-def check_profiles(root: Path, manifest: Manifest, backend: str, batch: int, height: int, width: int) -> None:
+def check_profiles(
+    root: Path, manifest: Manifest, backend: str, batch: int, height: int, width: int, num_frames: int | None = None,
+) -> None:
     """Refuse, before any work, a request whose shapes lie outside the recorded profile of an
     engine ``backend`` runs: every TensorRT plan, and the static fused ONNX Runtime CUDA graphs
     (records without a profile, i.e. dynamic fused graphs, run any size). Reads no file.
+    ``num_frames``: a video request's frames (Wan packages), checked against the latent frames
+    the experts were built for; None checks every other axis (the frames are not known).
 
     Raises :class:`StaleEngineError`: "<engine> <file> was built for HxW batch B, requested
     HxW batch B (<tensor> outside profile ...); run: artrt build ... for the requested size"."""
@@ -263,7 +325,7 @@ def check_profiles(root: Path, manifest: Manifest, backend: str, batch: int, hei
         record = find_record(manifest, name, backend)
         if record is None or not record.profile:
             continue
-        shapes = request_shapes(manifest, name, batch, height, width)
+        shapes = request_shapes(manifest, name, batch, height, width, num_frames)
         problems = [p for t, s in shapes.items() for p in _shape_problems(t, s, record.profile.get(t))]
         if problems:
             misfits.append((record, problems))
@@ -271,30 +333,59 @@ def check_profiles(root: Path, manifest: Manifest, backend: str, batch: int, hei
         return
     record, problems = misfits[0]
     scale = manifest.latent_scale
-    latent = (batch, manifest.latent_channels, height // scale, width // scale)
+    latent: Shape = (batch, manifest.latent_channels, height // scale, width // scale)
+    requested = f"{height}x{width} batch {batch}"
+    if has_frame_axis(manifest):  # Wan: [B, C, latent frames, h, w]; frames not known: keep the built ones
+        frames = latent_frames(num_frames) if num_frames is not None else _built_latent_frames(manifest, backend)
+        latent = (*latent[:2], frames, *latent[2:])
+        requested += "" if num_frames is None else f", {_frames(num_frames)}"
     # build_reasons compares TensorRT profiles with the request, so only the misfits are rebuilt;
     # it does not compare fused graphs' shapes, so those need --rebuild.
     command = build_command(root, manifest, {"sample": latent}, rebuild=backend == "ort-cuda", backend=backend)
     others = ", ".join(r.file for r, _ in misfits[1:])
     raise StaleEngineError(
         f"{ENGINE_KIND[backend]} {record.file} was built for {_built_for(record, scale)}, requested "
-        f"{height}x{width} batch {batch} ({problems[0]})" + (f"; nor do {others} fit" if others else "")
+        f"{requested} ({problems[0]})" + (f"; nor do {others} fit" if others else "")
         + f"; run: {command}"
     )
 
 
+def has_frame_axis(manifest: Manifest) -> bool:
+    """Whether the experts' latents have a ``latent_frames`` axis (the Wan family: videos)."""
+    return any(d == "latent_frames" for c in manifest.components.values() for t in c.inputs for d in t.shape)
+
+
+def _built_latent_frames(manifest: Manifest, backend: str) -> int:
+    """The latent frames ``backend``'s expert engines were built for (their ``sample`` profile's
+    opt), 1 when none records them."""
+    for data in manifest.engines:
+        sample = (data.get("profile") or {}).get("sample") if data.get("backend") == backend else None
+        if sample is not None and len(sample[1]) == 5:
+            return int(sample[1][2])
+    return 1
+
+
+def _frames(n: int) -> str:
+    return f"{n} frame" if n == 1 else f"{n} frames"
+
+
 def _built_for(record: EngineRecord, scale: int) -> str:
-    """``32x32 batch 1`` (static) or ``16..48x16..48 batch 1..2`` (ranges), from the latent profile."""
-    profile = next((record.profile[n] for n in LATENT_INPUTS if n in record.profile), None)
-    if profile is None or len(profile[0]) != 4:
+    """``32x32 batch 1`` (static) or ``16..48x16..48 batch 1..2`` (ranges), from the latent profile;
+    an expert with a frame axis adds ``, 5 frames`` (or ``, 1..9 frames``)."""
+    name, profile = next(((n, record.profile[n]) for n in LATENT_INPUTS if n in record.profile), (None, None))
+    if profile is None or len(profile[0]) not in (4, 5):
         return "profile " + ", ".join(f"{n} [min {list(p[0])}, max {list(p[2])}]" for n, p in record.profile.items())
     low, _, high = profile
 
     def span(lo: int, hi: int) -> str:
         return str(lo) if lo == hi else f"{lo}..{hi}"
 
-    return (f"{span(low[2] * scale, high[2] * scale)}x{span(low[3] * scale, high[3] * scale)} "
+    text = (f"{span(low[-2] * scale, high[-2] * scale)}x{span(low[-1] * scale, high[-1] * scale)} "
             f"batch {span(low[0], high[0])}")
+    if len(low) == 5 and name == "sample":  # the decoders' one latent frame says nothing about the video
+        lo, hi = video_frames(low[2]), video_frames(high[2])
+        text += f", {lo} frame" if lo == hi == 1 else f", {span(lo, hi)} frames"
+    return text
 
 
 def build_command(
@@ -309,12 +400,13 @@ def build_command(
     if latent is not None:
         return " ".join(words + _size_flags(manifest.latent_scale, latent, latent, latent))
     records = [e for e in manifest.engines if e.get("backend") == backend]
-    for data in records:
-        profile = data.get("profile") or {}
-        found = next((profile[n] for n in LATENT_INPUTS if n in profile), None)
-        if found is not None:
-            low, opt, high = (tuple(int(d) for d in s) for s in found)
-            return " ".join(words + _size_flags(manifest.latent_scale, low, opt, high))
+    # the experts' ``sample`` first: it alone has the frames of a Wan build (the decoders take one)
+    for name in LATENT_INPUTS:
+        for data in records:
+            profile = data.get("profile") or {}
+            if name in profile:
+                low, opt, high = (tuple(int(d) for d in s) for s in profile[name])
+                return " ".join(words + _size_flags(manifest.latent_scale, low, opt, high))
     kinds = {name: comp.kind for name, comp in manifest.components.items()}
     if backend == "ort-cuda" and any(kinds.get(e.get("component")) == "fused_step" for e in records):
         # fused steps recorded without a profile: a dynamic build
@@ -323,13 +415,19 @@ def build_command(
 
 
 def _size_flags(scale: int, low: Sequence[int], opt: Sequence[int], high: Sequence[int]) -> list[str]:
-    """``--height --width --batch`` of a latent profile, and the ``--dynamic`` bounds of a range."""
-    if not len(low) == len(opt) == len(high) == 4:
+    """``--height --width --batch`` (and ``--frames``) of a latent profile ``[B, C, h, w]`` (or
+    ``[B, C, F, h, w]``), and the ``--dynamic`` bounds of a range."""
+    if not (len(low) == len(opt) == len(high) and len(low) in (4, 5)):
         return []
-    flags = ["--height", str(opt[2] * scale), "--width", str(opt[3] * scale), "--batch", str(opt[0])]
-    if tuple(low) != tuple(high):  # dimension_ranges: one size range for both sides, batches 1..max
-        flags += ["--dynamic", "--min-size", str(min(low[2], low[3]) * scale),
-                  "--max-size", str(max(high[2], high[3]) * scale), "--max-batch", str(high[0])]
+    flags = ["--height", str(opt[-2] * scale), "--width", str(opt[-1] * scale), "--batch", str(opt[0])]
+    frames = len(low) == 5 and video_frames(opt[2]) != 1
+    if frames:
+        flags += ["--frames", str(video_frames(opt[2]))]
+    if tuple(low) != tuple(high):  # dimension_ranges: one size range for both sides, batches (frames) 1..max
+        flags += ["--dynamic", "--min-size", str(min(low[-2], low[-1]) * scale),
+                  "--max-size", str(max(high[-2], high[-1]) * scale), "--max-batch", str(high[0])]
+        if len(low) == 5 and high[2] != opt[2]:
+            flags += ["--max-frames", str(video_frames(high[2]))]
     return flags
 
 

@@ -283,7 +283,8 @@ class Pipeline:
             num_images, num_frames,
         )
         args.check_memory(self.manifest)
-        check_profiles(self.root, self.manifest, self.backend, args.num_images, args.height, args.width)
+        check_profiles(self.root, self.manifest, self.backend, args.num_images, args.height, args.width,
+                       args.num_frames)
         rng = np.random.default_rng(args.seed)  # initial noise, then (ancestral samplers) step noise
         initial = _initial_latents(latents, args.latent_shape(self.manifest), rng)
         tick = time.perf_counter()
@@ -343,7 +344,8 @@ class Pipeline:
     def _batch_fits(self, group: list[_Request]) -> bool:
         args = dataclasses.replace(group[0].args, num_images=sum(r.args.num_images for r in group))
         try:
-            check_profiles(self.root, self.manifest, self.backend, args.num_images, args.height, args.width)
+            check_profiles(self.root, self.manifest, self.backend, args.num_images, args.height, args.width,
+                           args.num_frames)
             args.check_memory(self.manifest)
         except ArtrtError as exc:
             log.debug("not batching %d requests: %s", len(group), exc)
