@@ -270,7 +270,7 @@ def _build_plan(root, manifest, name, profile, request: BuildRequest, system: Sy
         log.warning("%s: the package has no fp16 graph (exported with --precision fp32); building fp32", name)
     build_plan(source, resolve(root, file), profile, request.opt_level, cache, name, request.refittable)
     return make_record(root, manifest, name, "trt", file, profile=profile, system=system,
-                       opt_level=request.opt_level)
+                       opt_level=request.opt_level, refittable=request.refittable)
 
 
 def _fix_dims(source: Path, dims: dict[str, int], dst: Path) -> Path:

@@ -13,6 +13,7 @@ Measured calibration: ``docs/requests.md``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,19 +99,34 @@ def weight_bytes(manifest: Manifest, component: str) -> int:
     return 0 if graph is None else graph_bytes(manifest, graph)
 
 
-def check_load_fits(root: Path, manifest: Manifest, backend: str, memory: str, available: int | None = None) -> None:
+def check_load_fits(root: Path, manifest: Manifest, backend: str, memory: str, available: int | None = None,
+                    lora_bytes: Mapping[str, int] | None = None) -> None:
     """Refuse, before loading, a package that ``ort-cpu`` cannot run: one without CPU graphs
     (:func:`check_cpu_graphs`), or whose CPU graphs cannot fit in the memory left: all of them
-    in the default mode, the largest one with ``memory="low"`` (GPU backends hold weights on the device)."""
+    in the default mode, the largest one with ``memory="low"`` (GPU backends hold weights on the device).
+    ``lora_bytes``: per component, the weights LoRAs replace (held beside the graph's own)."""
     if backend != "ort-cpu":
         return
     check_cpu_graphs(root, manifest)
-    sizes = {name: weight_bytes(manifest, name) for name in manifest.components}
+    extra = lora_bytes or {}
+    sizes = {name: weight_bytes(manifest, name) + extra.get(name, 0) for name in manifest.components}
     need = sum(sizes.values()) if memory == "default" else max(sizes.values(), default=0)
     available = available_memory() if available is None else available
     if available is None or need <= HEADROOM * available:
         return
     hint = ("; try --memory low (one component resident at a time, about "
             f"{max(sizes.values()) / GIB:.1f} GiB)" if memory == "default" else "")
-    raise InputError(f"{root} needs about {need / GIB:.1f} GiB of memory for its weights; "
+    with_loras = f" (LoRA weights {sum(extra.values()) / GIB:.1f} GiB)" if extra else ""
+    raise InputError(f"{root} needs about {need / GIB:.1f} GiB of memory for its weights{with_loras}; "
                      f"{available / GIB:.1f} GiB is available{hint}")
+
+
+def check_lora_swap_fits(lora_bytes: Mapping[str, int], available: int | None = None) -> None:
+    """Refuse a LoRA swap whose largest component's new weights (computed one component at a
+    time, beside the weights in use) cannot fit in the memory left."""
+    need = max(lora_bytes.values(), default=0)
+    available = available_memory() if available is None else available
+    if available is None or need <= HEADROOM * available:
+        return
+    raise InputError(f"these LoRAs replace about {need / GIB:.1f} GiB of one component's weights, computed beside "
+                     f"the weights in use; {available / GIB:.1f} GiB is available")

@@ -84,6 +84,7 @@ class EngineRecord:
     onnxruntime_version: str | None = None
     opt_level: int | None = None
     extra_files: tuple[str, ...] = ()  # e.g. external weights of a fused ONNX
+    refittable: bool = False  # a TensorRT plan built with --refittable (LoRA refits its weights)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -132,7 +133,7 @@ def find_record(manifest: Manifest, component: str, backend: str) -> EngineRecor
 def make_record(
     root: Path, manifest: Manifest, component: str, backend: str, file: str, *,
     profile: Mapping[str, tuple[Shape, Shape, Shape]] | None = None, system: SystemInfo | None = None,
-    opt_level: int | None = None, extra_files: Sequence[str] = (),
+    opt_level: int | None = None, extra_files: Sequence[str] = (), refittable: bool = False,
 ) -> EngineRecord:
     """The record of an engine just written to ``root/file`` from the component's source graph."""
     source = source_onnx(manifest, component)
@@ -147,7 +148,7 @@ def make_record(
         tensorrt_version=system.tensorrt_version if backend == "trt" else None,
         compute_capability=system.compute_capability if backend == "trt" else None,
         onnxruntime_version=system.onnxruntime_version if backend == "ort-cuda" else None,
-        opt_level=opt_level, extra_files=tuple(extra_files),
+        opt_level=opt_level, extra_files=tuple(extra_files), refittable=refittable and backend == "trt",
     )
 
 
@@ -394,8 +395,11 @@ def build_command(
 ) -> str:
     """``artrt build ROOT --backend B [--rebuild]`` for the requested latent shape (``sample`` or
     ``latents`` in ``shapes``), else as ``backend``'s engines were built: their size and batch,
-    with ``--dynamic`` and its bounds for ranges (a dynamic fused graph has no profile)."""
+    with ``--dynamic`` and its bounds for ranges (a dynamic fused graph has no profile), and
+    ``--refittable`` where they were built refittable (a rebuild must keep LoRA refits working)."""
     words = ["artrt", "build", shlex.quote(str(root)), "--backend", backend] + (["--rebuild"] if rebuild else [])
+    if any(e.get("backend") == backend and e.get("refittable") for e in manifest.engines):
+        words.append("--refittable")
     latent = next((tuple(int(d) for d in s) for n, s in (shapes or {}).items() if n in LATENT_INPUTS), None)
     if latent is not None:
         return " ".join(words + _size_flags(manifest.latent_scale, latent, latent, latent))

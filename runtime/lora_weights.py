@@ -47,11 +47,14 @@ class ComponentTargets:
     kohya: dict[str, str] = field(default_factory=dict)  # module name with "_" for "." -> module name
 
     @classmethod
-    def read(cls, root: Path, component: str) -> ComponentTargets:
+    def read(cls, root: Path, component: str, lean: bool = False) -> ComponentTargets:
+        """``lean``: the package's graphs were rewritten by :mod:`artrt.export.lean_weights`."""
         path = resolve(root, f"{component}/{TARGETS_FILE}")
         if not path.is_file():
-            raise InputError(f"{root} has no LoRA targets for {component} ({component}/{TARGETS_FILE}): "
-                             "export the package with an artrt that writes them to use LoRA")
+            fix = ("its lean graphs (fp16 weights behind casts) take no LoRA: use a full export (for the demo "
+                   "model: python -m artrt.export.shapes_demo --fp32 --out DIR)" if lean
+                   else "export the package with an artrt that writes them to use LoRA")
+            raise InputError(f"{root} has no LoRA targets for {component} ({component}/{TARGETS_FILE}): {fix}")
         try:
             data = json.loads(path.read_text())
             if data.get("format") != TARGETS_FORMAT or data.get("version") != 1:
@@ -146,6 +149,15 @@ class LoraPlan:
     precisions: Mapping[str, str]
     record: list[dict[str, Any]]
 
+    def replaced_bytes(self) -> dict[str, int]:
+        """Per component, the bytes of the new weights :meth:`weights` will compute (none read yet)."""
+        out: dict[str, int] = {}
+        for component, modules in self.updates.items():
+            targets, itemsize = self.targets[component].targets, 4 if self.precisions[component] == "fp32" else 2
+            out[component] = sum(int(np.prod(targets[m]["shape"])) * itemsize
+                                 for m in modules if targets[m].get(self.precisions[component]) is not None)
+        return out
+
     def weights(self, component: str) -> dict[str, np.ndarray]:
         """Initializer -> new values of ``component`` (``{}``: its file's own weights)."""
         terms = self.updates.get(component)
@@ -193,7 +205,7 @@ def _place(root: Path, manifest: Manifest, lora: Lora, file: LoraFile,
                 problems.append(f"{layer.network} {layer.module}: the package has no {layer.network}")
                 continue
             if component not in cache:
-                cache[component] = ComponentTargets.read(root, component)
+                cache[component] = ComponentTargets.read(root, component, lean="lean" in manifest.source)
             targets = cache[component]
             module = targets.module(layer, file.format == "kohya")
             problem = targets.problem(module, layer, layer.network)

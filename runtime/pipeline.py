@@ -21,7 +21,7 @@ from artrt.errors import ArtrtError, EngineError, InputError
 
 from .arguments import GenerationArguments, check_backend, check_int, check_memory_mode
 from .batching import StackedNoise, batch_key, split, stack_conditioning
-from .budget import check_load_fits
+from .budget import check_load_fits, check_lora_swap_fits
 from .conditioning import EncodedText, build_conditioning
 from .denoise import (
     LoopBuffers,
@@ -157,18 +157,20 @@ class Pipeline:
         manifest = read_manifest(root, verify_hashes=verify_hashes)
         backend = choose_backend(backend, manifest)
         log.info("loading %s (%s) on %s", root, manifest.family, backend)
-        check_load_fits(root, manifest, backend, memory)
-        loras, prepared = check_loras(loras), []
+        loras = check_loras(loras)
+        plan = _prepare_loras(root, manifest, backend, {}, loras) if loras else None
+        check_load_fits(root, manifest, backend, memory, lora_bytes=plan.replaced_bytes() if plan else None)
 
         def lora_weights(opened: OpenEngines) -> dict[str, dict[str, np.ndarray]]:
-            prepared.append(_prepare_loras(root, manifest, opened, loras))
-            return {name: prepared[0].weights(name) for name in prepared[0].updates}
+            assert plan is not None
+            ready = dataclasses.replace(plan, files={name: opened.weight_file(name) for name in plan.updates})
+            return {name: ready.weights(name) for name in ready.updates}
 
         opened = open_engines(root, manifest, backend, threads, cuda_graphs, resident=memory == "default",
-                              weights=lora_weights if loras else None)
+                              weights=lora_weights if plan else None)
         try:
             pipe = cls(root, manifest, opened, cuda_graphs, vae_tile)
-            pipe._loras = prepared[0].record if prepared else []
+            pipe._loras = plan.record if plan else []
             return pipe
         except BaseException:
             opened.close()
@@ -204,7 +206,9 @@ class Pipeline:
         with self._lock:
             if self._closed:
                 raise InputError("this Pipeline is closed; load the package again")
-            plan = _prepare_loras(self.root, self.manifest, self._opened, loras)
+            files = {name: self._opened.weight_file(name) for name in self.manifest.components}
+            plan = _prepare_loras(self.root, self.manifest, self._opened.backend, files, loras)
+            check_lora_swap_fits(plan.replaced_bytes())
             if self._buffers is not None:  # its bindings and captured graphs belong to the old weights
                 self._buffers.release()
                 self._buffers = None
@@ -506,11 +510,12 @@ def component_precision(manifest: Manifest, component: str, backend: str) -> str
     return "fp16" if manifest.components[component].onnx_fp16 else "fp32"
 
 
-def _prepare_loras(root: Path, manifest: Manifest, opened: OpenEngines, loras: Sequence[Lora]) -> LoraPlan:
-    """``loras`` checked against the package, their weights to be read from the files its engines use."""
+def _prepare_loras(root: Path, manifest: Manifest, backend: str, files: Mapping[str, Path],
+                   loras: Sequence[Lora]) -> LoraPlan:
+    """``loras`` checked against the package; ``files``: per component, the ONNX file its engine's
+    weights are read from (may be filled in later, once the engines are open)."""
     names = [n for n, c in manifest.components.items() if c.kind in ("fused_step", "text_encoder")]
-    files = {n: opened.weight_file(n) for n in names}
-    precisions = {n: component_precision(manifest, n, opened.backend) for n in names}
+    precisions = {n: component_precision(manifest, n, backend) for n in names}
     return prepare_loras(root, manifest, loras, files, precisions)
 
 

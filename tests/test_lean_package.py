@@ -167,7 +167,7 @@ def test_info_shows_targets_and_sizes_of_what_is_there(capsys, cuda_package):
     capsys.readouterr()
     assert main(["info", str(cuda_package)]) == 0
     out = capsys.readouterr().out
-    assert ("targets   cuda (fp16, vae_decoder fp32); no CPU graphs: ort-cpu cannot run it  "
+    assert ("runs on   cuda (fp16, vae_decoder fp32); no CPU graphs: ort-cpu cannot run it  "
             "(exported with --targets cuda --precision fp16)") in out
     total = sum(f.size for f in m.files)
     assert f"size      {total / 1e6:.1f} MB: graphs {total / 1e6:.1f} MB, engines 0.0 MB" in out
@@ -175,6 +175,9 @@ def test_info_shows_targets_and_sizes_of_what_is_there(capsys, cuda_package):
     assert "fp16 " in unet and "fp32 " not in unet and "cpu " not in unet
     assert "max |ONNX - PyTorch| (fp32)" not in out.split("vae_decoder")[0]  # no fp32 check without fp32 graph
     assert "sha256 verified" in out
+    assert "      sample                 float32  [batch, 4, latent_height, latent_width]" in out  # fp32 latents
+    assert "      hidden_states          float16  [batch, ?, 16]" in out  # the exporter's made-up name as ?
+    assert "_dim_" not in out
 
 
 def test_ort_cpu_refuses_a_cuda_only_package_before_loading(cuda_package, monkeypatch, capsys, tmp_path):

@@ -174,3 +174,44 @@ def test_cli_generate_and_sample_record_loras(capsys, package, lora_files, tmp_p
     assert main(["generate", "x", "--model", str(package), "-o", str(out), "--lora", "a.safetensors:big"]) == 1
     err = capsys.readouterr().err
     assert "artrt: error: --lora a.safetensors:big: scale 'big' is not a number" in err and "Traceback" not in err
+
+
+def test_lora_weights_count_in_the_memory_checks(package, lora_files, monkeypatch):
+    """The weights a LoRA set replaces are added to the load check and checked before a swap."""
+    from artrt.runtime import budget
+    from artrt.runtime.lora_weights import prepare_loras
+    from artrt.runtime.package import read_manifest
+
+    m = read_manifest(package)
+    lora = Lora(lora_files["base"], 1.0, "composition")
+    with Pipeline.load(package, backend="ort-cpu", threads=1) as pipe:
+        files = {n: pipe._opened.weight_file(n) for n in m.components}
+        before = np.asarray(pipe.generate("x", steps=3).images[0])
+        plan = prepare_loras(package, m, [lora], files, {n: "fp32" for n in files})
+        computed = {n: sum(a.nbytes for a in plan.weights(n).values()) for n in plan.updates}
+        assert plan.replaced_bytes() == computed and computed["expert_composition"] > 0
+        with monkeypatch.context() as patch, pytest.raises(
+                InputError, match=r"^these LoRAs replace about 0\.0 GiB of one component's weights"):
+            patch.setattr(budget, "available_memory", lambda: 1024)
+            pipe.set_loras([lora])
+        assert pipe.loras == [] and np.array_equal(np.asarray(pipe.generate("x", steps=3).images[0]), before)
+    weights = sum(budget.weight_bytes(m, n) for n in m.components)
+    room = int((weights + computed["expert_composition"] // 2) / budget.HEADROOM)
+    monkeypatch.setattr(budget, "available_memory", lambda: room)
+    Pipeline.load(package, backend="ort-cpu", threads=1).close()  # the package alone fits
+    with pytest.raises(InputError, match=r"needs about [\d.]+ GiB of memory for its weights \(LoRA weights"):
+        Pipeline.load(package, backend="ort-cpu", threads=1, loras=[lora])
+
+
+def test_the_lean_demo_package_says_how_to_take_a_lora(tmp_path):
+    from safetensors.numpy import save_file
+
+    from artrt.demo.cache import shipped_package
+
+    file = tmp_path / "demo_lora.safetensors"
+    save_file({"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": np.ones((2, 96), np.float32),
+               "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight": np.ones((96, 2), np.float32)}, str(file))
+    with pytest.raises(InputError, match=r"has no LoRA targets for expert_composition .*: its lean graphs .* take no "
+                                         r"LoRA: use a full export \(for the demo model: python -m "
+                                         r"artrt.export.shapes_demo --fp32 --out DIR\)$"):
+        Pipeline.load(shipped_package(), backend="ort-cpu", loras=[Lora(file, 1.0, "composition")])

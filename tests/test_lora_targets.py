@@ -26,7 +26,7 @@ from artrt.errors import EngineError, InputError
 from artrt.export.build import BuildRequest, build_engines
 from artrt.export.lora_targets import lora_fingerprints, write_lora_targets
 from artrt.export.onnx_io import export_onnx
-from artrt.runtime.engine_records import find_record
+from artrt.runtime.engine_records import build_command, find_record
 from artrt.runtime.package import read_manifest
 
 
@@ -216,11 +216,16 @@ def test_build_refittable_plans(package_copy, fake_gpu, monkeypatch):  # noqa: F
         deserialize_cuda_engine=lambda plan: types.SimpleNamespace(refittable=refittable["value"]))
     build_engines(package_copy, BuildRequest(height=32, width=32))
     assert len(trt.builds) == 5 and flags == []
+    assert "--refittable" not in build_command(package_copy, read_manifest(package_copy), rebuild=True)
     build_engines(package_copy, BuildRequest(height=32, width=32, refittable=True))  # not refittable: rebuilt
     assert len(trt.builds) == 10 and flags == ["refit"] * 5
     refittable["value"] = True
     build_engines(package_copy, BuildRequest(height=32, width=32, refittable=True))
     assert len(trt.builds) == 10  # up to date
-    assert find_record(read_manifest(package_copy), "expert_composition", "trt") is not None
+    manifest = read_manifest(package_copy)
+    assert find_record(manifest, "expert_composition", "trt").refittable
+    # a rebuild hint (stale engine, shape outside the profile) keeps the plans refittable
+    assert build_command(package_copy, manifest, rebuild=True).split()[3:] == \
+        ["--backend", "trt", "--rebuild", "--refittable", "--height", "32", "--width", "32", "--batch", "1"]
     with pytest.raises(InputError, match="--refittable applies to --backend trt"):
         build_engines(package_copy, BuildRequest(backend="ort-cuda", refittable=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> None:
         f"defaults  steps {d.steps}, guidance {d.guidance}, switch {d.switch}, sampler {d.sampler}, "
         f"size {d.width}x{d.height} (multiple of {m.size_multiple})",
         f"schedule  {m.schedule}",
-        f"targets   {_targets(m)}",
+        f"runs on   {_targets(m)}",
         "experts:",
     ]
     lines += [f"  {e.name:<12} {e.component}  text: {', '.join(e.conditioning.text_encoders)}"
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
             text = ", ".join(f"{k} {v:.1e}" for k, v in check.items())
             lines.append(f"      {what} ({label}): {text or 'n/a'}")
         for t in (*c.inputs, *c.outputs):
-            lines.append(f"      {t.name:<22} {t.dtype:<8} {list(t.shape)}")
+            lines.append(f"      {t.name:<22} {t.dtype:<8} {_shape(t.shape)}")
     lines += _engine_lines(m)
     total, engines = sum(sizes.values()), sum(e.get("size", 0) for e in m.engines)
     lines.append(f"size      {total / 1e6:.1f} MB: graphs {(total - engines) / 1e6:.1f} MB, "
@@ -57,6 +58,16 @@ def run(args: argparse.Namespace) -> None:
     lines.append(f"files     {len(m.files)}, "
                  f"{'sha256 verified' if not args.no_verify else 'sizes checked'}")
     print("\n".join(lines))
+
+
+def _shape(shape: Any) -> str:
+    """``[batch, 77, 2048]``: named dimensions as named at export; the names an exporter made up
+    for a dimension it could not name (``Mulhidden_states_dim_1``, ``unk__3``) as ``?``."""
+    dims = [d if isinstance(d, int) or not _AUTO_DIM.search(d) else "?" for d in shape]
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+_AUTO_DIM = re.compile(r"_dim_\d+$|^unk__\d+$")
 
 
 def _targets(m: Any) -> str:
