@@ -202,3 +202,43 @@ def test_batched_requests_get_their_lone_frames(runtime):
         alone = runtime.generate(**call)
         for got, want in zip(result.frames, alone.frames):
             assert np.array_equal(np.stack([np.asarray(f) for f in got]), np.stack([np.asarray(f) for f in want]))
+
+
+def test_sample_makes_videos_and_images_like_generate(wan_package, runtime, tmp_path, caplog):
+    """``artrt sample`` on a Wan package: items with ``frames`` become animated WebP videos whose
+    frames are exactly generate's (two batched into one engine call), an item without stays an image,
+    a bad frame count is a skipped line, and a rerun finds everything done."""
+    from PIL import Image
+
+    from artrt.runtime.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(item) for item in [
+        {"prompt": PROMPT, "id": "clip-a", "seed": 4, "frames": 5},
+        {"prompt": PROMPT, "id": "clip-b", "seed": 5, "frames": 5},
+        {"prompt": "a blue dog", "id": "still", "seed": 6},
+        {"prompt": PROMPT, "id": "bad", "frames": 4},
+    ]) + "\n")
+    out = tmp_path / "out"
+    args = ["sample", str(prompts), "--model", str(wan_package), "--out", str(out), "--steps", "3",
+            "--height", str(HEIGHT), "--width", str(WIDTH), "--batch", "2", "--backend", "ort-cpu"]
+    assert main(args) == 0
+    records = {r["id"]: r for r in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())}
+    assert sorted(records) == ["clip-a", "clip-b", "still"]
+    assert records["clip-a"]["batch_size"] == 2 and records["clip-a"]["file"] == "images/clip-a.webp"
+    assert "num_frames must be 4k+1" in json.dumps(json.loads((out / "run.json").read_text())["bad_lines"])
+    for image_id, seed in (("clip-a", 4), ("clip-b", 5)):
+        want = runtime.generate(PROMPT, seed=seed, steps=3, height=HEIGHT, width=WIDTH, num_frames=5).frames[0]
+        with Image.open(out / "images" / f"{image_id}.webp") as video:
+            got = [np.asarray(video.seek(k) or video.convert("RGB")) for k in range(video.n_frames)]
+        assert len(got) == 5 and all(np.array_equal(g, np.asarray(w)) for g, w in zip(got, want))
+        assert read_webp_parameters(out / "images" / f"{image_id}.webp")["num_frames"] == 5
+    still = runtime.generate("a blue dog", seed=6, steps=3, height=HEIGHT, width=WIDTH).images[0]
+    with Image.open(out / "images" / "still.png") as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(still))
+    assert main(args) == 0  # resumed: every video and image verified by its sha256, nothing redone
+    assert json.loads((out / "run.json").read_text())["counts"]["generated"] == 0
+    low = tmp_path / "low"  # phase-batched: each expert loaded once for the whole job, same bytes
+    assert main([*args[:5], str(low), *args[6:], "--memory", "low"]) == 0
+    assert {r["id"]: r["sha256"] for r in map(json.loads, (low / "metadata.jsonl").read_text().splitlines())} == \
+        {i: r["sha256"] for i, r in records.items()}

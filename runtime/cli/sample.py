@@ -18,8 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "sample",
         help="sample a prompt file to an image set (resumable; locally or on Ray)",
         description="Generate every item of a prompt file (.txt: one prompt a line; .jsonl: one object a line "
-        "with prompt and optional id, negative_prompt, seed, steps, guidance, switch, sampler, height, width, n; "
-        ".csv: the same as columns) into OUT/images/<id>.png, one OUT/metadata.jsonl record per image and "
+        "with prompt and optional id, negative_prompt, seed, steps, guidance, switch, sampler, height, width, n, "
+        "frames; .csv: the same as columns) into OUT/images/<id>.png (videos of a Wan package: <id>.webp), one "
+        "OUT/metadata.jsonl record per image and "
         "OUT/run.json. Per-item values override the options. Item i gets seed --seed + i unless it sets one. "
         "Run the same command again to finish a stopped run.",
     )
@@ -29,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
     add_sampling_options(p, seed_help="base seed: item i gets seed + i (default 0)", sizes=True)
     p.add_argument("--num-images", "-n", type=int, default=1, help="images per item (default 1)")
+    p.add_argument("--frames", type=int, default=1, metavar="N", help="frames per video for video packages "
+                   "(Wan): 4k+1, e.g. 5, 17; default 1 (images); an item's frames overrides it")
     p.add_argument("--batch", type=int, default=1, help="images per engine call, at most, from items with the "
                    "same settings (default 1; GPU engines must be built for it)")
     p.add_argument("--overwrite", action="store_true", help="redo the whole set (deletes OUT's earlier images)")
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
     options = SampleOptions(
         negative_prompt=args.negative_prompt, steps=args.steps,
         guidance=tuple(args.guidance) if args.guidance else None, switch=args.switch, sampler=args.sampler,
-        height=args.height, width=args.width, seed=args.seed, n=args.num_images,
+        height=args.height, width=args.width, seed=args.seed, n=args.num_images, frames=args.frames,
     )
     run_sample(SampleConfig(
         args.prompts, args.model, args.out, options, batch=args.batch, overwrite=args.overwrite, strict=args.strict,

@@ -157,7 +157,7 @@ def _store(out: OutputDir, r: ImageResult, done: dict[str, Any], counts: Counts,
         info["failures"].append({"id": r.task.id, "line": r.task.line, "error": r.error})
         log.error("sample: %s (line %d) failed: %s", r.task.id, r.task.line, r.error)
         return
-    path = out.write_image(r.task.id, r.png)
+    path = out.write_image(r.task.id, r.png, video=r.task.parameters.get("num_frames", 1) != 1)
     record = {**r.task.parameters, "item": r.task.item, "line": r.task.line,
               "file": path.relative_to(out.root).as_posix(), "sha256": r.sha256, "backend": r.backend,
               "device": r.device, "batch_size": r.batch_size, "timings": r.timings}

@@ -1,6 +1,7 @@
 """The output directory of ``artrt sample``: images, ``metadata.jsonl``, ``run.json``.
 
-Write order per image: PNG to a temporary file, fsync, rename to ``images/<id>.png``;
+Write order per image: PNG (a video: animated WebP) to a temporary file, fsync, rename to
+``images/<id>.png`` (``.webp``);
 only then one complete ``metadata.jsonl`` line, flushed and fsynced. A run stopped at
 any point leaves at most a finished image without its record (redone on resume), a
 temporary file (deleted on resume) or a torn last line (cut off on resume). Resuming
@@ -30,6 +31,7 @@ IMAGES = "images"
 METADATA = "metadata.jsonl"
 RUN = "run.json"
 LOCK = ".lock"
+SUFFIXES = (".png", ".webp")  # an image, a video
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -68,8 +70,9 @@ class OutputDir:
         for tmp in self.images.glob(".*.tmp"):
             tmp.unlink()
         if overwrite:
-            for png in self.images.glob("*.png"):
-                png.unlink()
+            for suffix in SUFFIXES:
+                for image in self.images.glob(f"*{suffix}"):
+                    image.unlink()
             self.metadata.unlink(missing_ok=True)
             self.run_file.unlink(missing_ok=True)
 
@@ -87,8 +90,8 @@ class OutputDir:
             self._lock_file = None
             raise InputError(f"another artrt sample is writing {self.root}") from None
 
-    def image_path(self, image_id: str) -> Path:
-        return self.images / f"{image_id}.png"
+    def image_path(self, image_id: str, video: bool = False) -> Path:
+        return self.images / f"{image_id}{SUFFIXES[video]}"
 
     def resume(self, tasks: Iterable[ImageTask]) -> Resumed:
         """Read what an earlier run left, verify every image and rewrite ``metadata.jsonl`` with the
@@ -143,17 +146,17 @@ class OutputDir:
             return f.read(1) == b"\n"
 
     def _intact(self, image_id: str, record: dict[str, Any]) -> bool:
-        path = self.image_path(image_id)
+        path = self.image_path(image_id, video=record.get("num_frames", 1) != 1)
         return path.is_file() and record.get("sha256") == hashlib.sha256(path.read_bytes()).hexdigest()
 
     def _rewrite(self, records: Iterable[dict[str, Any]]) -> None:
         data = b"".join(_line(r) for r in records)
         write_atomic(self.metadata, data)
 
-    def write_image(self, image_id: str, png: bytes) -> Path:
-        """Write one PNG atomically and durably."""
-        path = self.image_path(image_id)
-        write_atomic(path, png)
+    def write_image(self, image_id: str, data: bytes, video: bool = False) -> Path:
+        """Write one PNG (``video``: animated WebP) atomically and durably."""
+        path = self.image_path(image_id, video)
+        write_atomic(path, data)
         return path
 
     def append(self, record: dict[str, Any]) -> None:

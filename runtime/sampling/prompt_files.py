@@ -29,7 +29,7 @@ from artrt.errors import InputError
 # Per-item fields and their types; values given here override the command line.
 FIELDS = {
     "id": str, "prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": list,
-    "switch": float, "sampler": str, "height": int, "width": int, "n": int,
+    "switch": float, "sampler": str, "height": int, "width": int, "n": int, "frames": int,
 }
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FORMATS = (".txt", ".jsonl", ".csv")

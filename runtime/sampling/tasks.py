@@ -1,11 +1,12 @@
-"""What ``artrt sample`` makes: one task per image, grouped into deterministic batches.
+"""What ``artrt sample`` makes: one task per image (or video), grouped into deterministic batches.
 
 An item with seed ``S`` and ``n`` images makes exactly the images of
 ``artrt generate PROMPT --seed S -n n``: initial noise ``default_rng(S)`` of shape
-``[n, C, h, w]``, image ``k`` from row ``k``. Images of items that share every setting
-but the seed run as one engine batch (``latents=`` stacked row by row), so batching
-changes no noise. Ancestral samplers draw fresh noise from the seed's generator at
-every step, so for them a batch is exactly one item.
+``[n, C, h, w]`` (Wan: ``[n, C, (frames - 1)/4 + 1, h, w]``), image ``k`` from row ``k``.
+An item with ``frames`` > 1 (video packages) makes animated WebP videos, as ``generate --frames``.
+Images of items that share every setting but the seed run as one engine batch
+(``latents=`` stacked row by row), so batching changes no noise. Ancestral samplers draw
+fresh noise from the seed's generator at every step, so for them a batch is exactly one item.
 
 Batches are cut from the whole item list, never from what is left to do, so a
 resumed run or a Ray run hands the engines the same batches as an uninterrupted
@@ -31,16 +32,17 @@ from artrt.runtime.images import encode_png
 from artrt.runtime.lora import Lora
 from artrt.runtime.package import Manifest
 from artrt.runtime.pipeline import Pipeline
-from artrt.runtime.video import is_flow
+from artrt.runtime.video import encode_webp, is_flow
 
 from .prompt_files import BadLine, PromptItem
 
 # Record fields that decide an image's pixels (besides the package): a record written
 # with other values is not the image the current command asks for.
 GENERATION_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "switch", "sampler", "seed",
-                     "height", "width", "num_images", "index", "loras")
+                     "height", "width", "num_images", "num_frames", "index", "loras")
 MAX_ITEM_IMAGES = 10_000  # images one prompt-file item may ask for
-_BATCH_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "switch", "sampler", "height", "width")
+_BATCH_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "switch", "sampler", "height", "width",
+                 "num_frames")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class SampleOptions:
     width: int | None = None
     seed: int = 0  # item i gets seed + i unless it sets its own
     n: int = 1  # images per item
+    frames: int = 1  # frames per video (video packages; 1: images)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class ImageTask:
 
 @dataclass
 class ImageResult:
-    """A made image (PNG bytes and their sha256) or the error that stopped its batch."""
+    """A made image (PNG bytes, or WebP for a video, and their sha256) or the error that stopped its batch."""
 
     task: ImageTask
     png: bytes | None
@@ -142,14 +145,15 @@ def _item_tasks(item: PromptItem, options: SampleOptions, manifest: Manifest, ba
         manifest, item.prompt, v.get("negative_prompt", options.negative_prompt), v.get("steps", options.steps),
         v.get("guidance", options.guidance), v.get("switch", options.switch), v.get("sampler", options.sampler),
         v.get("seed", options.seed + item.index), v.get("height", options.height), v.get("width", options.width),
-        check_int("n", v.get("n", options.n), 1, MAX_ITEM_IMAGES),
+        check_int("n", v.get("n", options.n), 1, MAX_ITEM_IMAGES), v.get("frames", options.frames),
     )
     # What one engine call of this item costs: ancestral items run whole, others in --batch images at most.
     images = args.num_images if args.sampler.draws_noise else min(args.num_images, batch)
     shape = (images, *args.latent_shape(manifest)[1:])
     cost = request_cost(shape, args.height, args.width, args.steps, args.sampler.draws_noise,
-                        noise_images=args.num_images)
-    check_fits(cost, f"{images} image(s) of {args.width}x{args.height} at once")
+                        noise_images=args.num_images, frames=args.num_frames)
+    what = f"video(s) of {args.num_frames} frames" if args.num_frames > 1 else "image(s)"
+    check_fits(cost, f"{images} {what} of {args.width}x{args.height} at once")
     parameters = {**args.record(manifest), **extra}
     item_id = v.get("id", f"{item.index:06d}")
     ids = [item_id] if args.num_images == 1 else [f"{item_id}-{k}" for k in range(args.num_images)]
@@ -166,7 +170,7 @@ def plan_batches(tasks: Sequence[ImageTask], batch_size: int) -> list[list[Image
     for task in tasks:
         p = task.parameters
         own_item = task.item if parse_sampler(p["family"], p["sampler"]).draws_noise else None
-        groups.setdefault((own_item, *(str(p[f]) for f in _BATCH_FIELDS)), []).append(task)
+        groups.setdefault((own_item, *(str(p.get(f)) for f in _BATCH_FIELDS)), []).append(task)
     batches = []
     for (own_item, *_), group in groups.items():
         size = len(group) if own_item is not None else batch_size
@@ -174,10 +178,10 @@ def plan_batches(tasks: Sequence[ImageTask], batch_size: int) -> list[list[Image
     return batches
 
 
-def initial_noise(manifest: Manifest, seed: int, n: int, height: int, width: int) -> np.ndarray:
-    """The unit noise ``generate`` draws for ``seed`` and ``n`` images."""
+def initial_noise(manifest: Manifest, seed: int, n: int, height: int, width: int, num_frames: int = 1) -> np.ndarray:
+    """The unit noise ``generate`` draws for ``seed`` and ``n`` images (or videos of ``num_frames``)."""
     s = manifest.latent_scale
-    frames = (1,) if is_flow(manifest) else ()  # Wan latents have a frame axis (sample makes images)
+    frames = ((num_frames - 1) // 4 + 1,) if is_flow(manifest) else ()  # Wan latents have a frame axis
     shape = (n, manifest.latent_channels, *frames, height // s, width // s)
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
@@ -185,7 +189,8 @@ def initial_noise(manifest: Manifest, seed: int, n: int, height: int, width: int
 def batch_request(pipe: Pipeline, batch: Sequence[ImageTask]) -> dict[str, Any]:
     """The keyword arguments of the ``generate`` call that makes ``batch``."""
     p = batch[0].parameters
-    kwargs = {f: p[f] for f in _BATCH_FIELDS}
+    kwargs = {f: p[f] for f in _BATCH_FIELDS if f != "num_frames"}
+    kwargs["num_frames"] = p.get("num_frames", 1)
     if parse_sampler(p["family"], p["sampler"]).draws_noise:
         assert [t.parameters["index"] for t in batch] == list(range(p["num_images"])), "a noisy batch is one item"
         return {**kwargs, "seed": p["seed"], "num_images": p["num_images"]}
@@ -214,10 +219,13 @@ def make_batches(pipe: Pipeline, batches: Sequence[Sequence[ImageTask]], device:
 
 def batch_results(pipe: Pipeline, batch: Sequence[ImageTask], out: Any, device: str) -> list[ImageResult]:
     started = time.perf_counter()
-    pngs = [encode_png(image, task.parameters) for task, image in zip(batch, out.images)]
+    if out.frames is not None:  # videos: animated WebP, as generate --frames writes them
+        files = [encode_webp(frames, task.parameters) for task, frames in zip(batch, out.frames)]
+    else:
+        files = [encode_png(image, task.parameters) for task, image in zip(batch, out.images)]
     timings = {**out.timings, "encode": time.perf_counter() - started}
-    return [ImageResult(task, png, hashlib.sha256(png).hexdigest(), timings, len(batch), pipe.backend, device)
-            for task, png in zip(batch, pngs)]
+    return [ImageResult(task, data, hashlib.sha256(data).hexdigest(), timings, len(batch), pipe.backend, device)
+            for task, data in zip(batch, files)]
 
 
 def failed(pipe: Pipeline, batch: Sequence[ImageTask], device: str, exc: BaseException) -> list[ImageResult]:
@@ -243,6 +251,7 @@ def _stacked_noise(pipe: Pipeline, batch: Sequence[ImageTask]) -> np.ndarray:
         p = task.parameters
         key = (p["seed"], p["num_images"])
         if key not in cache:
-            cache[key] = initial_noise(pipe.manifest, p["seed"], p["num_images"], p["height"], p["width"])
+            cache[key] = initial_noise(pipe.manifest, p["seed"], p["num_images"], p["height"], p["width"],
+                                       p.get("num_frames", 1))
         rows.append(cache[key][p["index"]])
     return np.stack(rows)
