@@ -27,6 +27,10 @@ class InputError(ArtrtError):
     """A generation argument is out of range (size, steps, switch, sampler, ...)."""
 
 
+class Cancelled(ArtrtError):
+    """A generation stopped early because its caller cancelled it (its ``cancel`` event was set)."""
+
+
 class OutputError(ArtrtError):
     """A file could not be written (missing or read-only folder, full disk, ...)."""
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from artrt.engines import Engine
 from artrt.engines.ort import max_threads
-from artrt.errors import ArtrtError, EngineError, InputError
+from artrt.errors import ArtrtError, Cancelled, EngineError, InputError
 
 from .arguments import GenerationArguments, check_backend, check_int, check_memory_mode
 from .batching import StackedNoise, batch_key, split, stack_conditioning
@@ -96,6 +96,7 @@ class _Request:
     state: LoopState | None = None  # low memory: where the loop stands between phases
     tables: tuple[np.ndarray, np.ndarray | None] | None = None  # low memory: step scalars and noise
     parts: list[_Request] = field(default_factory=list)  # a batch of several calls: the calls, in order
+    cancel: Any = None  # the caller's cancel event (anything with is_set()), or None
 
 
 class Pipeline:
@@ -127,6 +128,7 @@ class Pipeline:
         self._loras: list[dict[str, Any]] | None = []  # the active LoRAs' record; None after a failed set_loras
         self._lock = threading.Lock()
         self._closed = False
+        self._stop: Callable[[], None] = lambda: None  # the running call's cancel check (under the lock)
 
     @classmethod
     def load(
@@ -246,6 +248,7 @@ class Pipeline:
         num_images: int = 1,
         latents: np.ndarray | None = None,
         num_frames: int = 1,
+        cancel: Any = None,
     ) -> GenerationResult:
         """Generate ``num_images`` images for ``prompt``; unset arguments take the package defaults.
 
@@ -256,9 +259,12 @@ class Pipeline:
         diffusers' ``latents=``; otherwise it is drawn from ``numpy.random.default_rng(seed)``.
         ``num_frames`` (video packages): 4k + 1 frames per video, returned in ``frames``. Bad
         arguments and requests that would not fit in memory raise :class:`InputError` before any work.
+        ``cancel``: a :class:`threading.Event` (anything with ``is_set()``); once it is set the call
+        stops at the next step (or before decoding) and raises :class:`~artrt.errors.Cancelled`.
+        A loop captured into one CUDA graph runs to its end first.
         """
         request = self._prepare(prompt, negative_prompt, steps, guidance, switch, sampler, seed, height, width,
-                                num_images, latents, num_frames)
+                                num_images, latents, num_frames, cancel)
         return self._run([request])[0]
 
     def generate_many(self, requests: Sequence[Mapping[str, Any]], batch: bool = False) -> list[GenerationResult]:
@@ -271,14 +277,17 @@ class Pipeline:
         one engine batch (one call per step and one decode for all of them; :mod:`artrt.runtime.batching`).
         Each still gets the images of its own call, up to the engine's batched arithmetic (identical on
         ONNX Runtime CPU for the models tested, ``tests/test_serve_batching.py``). A group whose total
-        batch an engine profile or the memory estimate refuses runs call by call."""
+        batch an engine profile or the memory estimate refuses runs call by call.
+
+        A request's ``cancel`` (as in :meth:`generate`) stops the call only once every request of it
+        is cancelled: :class:`~artrt.errors.Cancelled` is raised and no result is returned."""
         prepared = [self._prepare(**request) for request in requests]
         return self._run(prepared, batch) if prepared else []
 
     def _prepare(
         self, prompt: Any, negative_prompt: Any = None, steps: Any = None, guidance: Any = None, switch: Any = None,
         sampler: Any = None, seed: Any = 0, height: Any = None, width: Any = None, num_images: Any = 1,
-        latents: Any = None, num_frames: Any = 1,
+        latents: Any = None, num_frames: Any = 1, cancel: Any = None,
     ) -> _Request:
         """Check one request and draw its noise (no engine runs)."""
         started = time.perf_counter()
@@ -286,6 +295,8 @@ class Pipeline:
             self.manifest, prompt, negative_prompt, steps, guidance, switch, sampler, seed, height, width,
             num_images, num_frames,
         )
+        if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+            raise InputError(f"cancel must be a threading.Event (anything with is_set()), got {cancel!r}")
         args.check_memory(self.manifest)
         check_profiles(self.root, self.manifest, self.backend, args.num_images, args.height, args.width,
                        args.num_frames)
@@ -293,7 +304,7 @@ class Pipeline:
         initial = _initial_latents(latents, args.latent_shape(self.manifest), rng)
         tick = time.perf_counter()
         ids = {name: tok([args.negative_prompt, args.prompt]) for name, tok in self.tokenizers.items()}
-        return _Request(args, rng, initial, ids, {"tokenize": time.perf_counter() - tick}, started)
+        return _Request(args, rng, initial, ids, {"tokenize": time.perf_counter() - tick}, started, cancel=cancel)
 
     def _run(self, requests: list[_Request], batch: bool = False) -> list[GenerationResult]:
         with self._lock:
@@ -302,6 +313,8 @@ class Pipeline:
             if self._loras is None:
                 raise EngineError("the last set_loras failed part way; call set_loras again before generating")
             loras = {"loras": self._loras} if self._loras else {}
+            self._stop = _stop_check(requests)
+            self._stop()
             self._opened.load_seconds = 0.0
             self._encode(requests)
             for r in requests:
@@ -314,6 +327,7 @@ class Pipeline:
                 self._denoise_by_phase(runs)
             for r in runs:
                 self._check_finite(r.sample, "the final latents", [e.component for e in self.manifest.experts])
+            self._stop()
             decoded = self._decode(runs)
             load = self._opened.load_seconds
         results = {}
@@ -406,7 +420,7 @@ class Pipeline:
             buffers.set_conditioning(expert.name, engine, feed)
         capture = self.cuda_graphs and can_capture(engines, buffers)  # ORT captures its own graphs; CPU has none
         return denoise(engines, [e.name for e in experts], buffers, r.sample, r.scalars, r.segments, r.rng,
-                       r.timings, capture=capture, on_step=step_progress(r.args.steps))
+                       r.timings, capture=capture, on_step=self._on_step(r.args.steps))
 
     def _denoise_by_phase(self, requests: list[_Request]) -> None:
         """Low memory: each expert is loaded at its first step, runs its steps of every request, and is
@@ -425,15 +439,27 @@ class Pipeline:
             with self._opened.using(expert.component) as engine:
                 for r, segments in todo:
                     buffers = self._loop_buffers(r.sample.shape)  # no bindings of this expert: dropped below
-                    buffers.set_conditioning(expert.name, engine, r.feeds[index])
-                    load_state(buffers, *r.tables, r.state)
-                    parity, marks = enqueue_steps({index: engine}, names, buffers, segments, r.tables[1] is not None,
-                                                  step_progress(r.args.steps))
-                    r.state = read_state(buffers, parity)
-                    add_timings(buffers, marks, r.timings)
-                    buffers.forget(expert.name)
+                    try:
+                        buffers.set_conditioning(expert.name, engine, r.feeds[index])
+                        load_state(buffers, *r.tables, r.state)
+                        parity, marks = enqueue_steps({index: engine}, names, buffers, segments,
+                                                      r.tables[1] is not None, self._on_step(r.args.steps))
+                        r.state = read_state(buffers, parity)
+                        add_timings(buffers, marks, r.timings)
+                    finally:  # also when cancelled or failed: the engine is released after this phase
+                        buffers.forget(expert.name)
         for r in requests:
             r.sample = r.state.sample
+
+    def _on_step(self, steps: int) -> Callable[[int], None]:
+        """After each step: progress on long runs, and stop here if the call was cancelled."""
+        progress, stop = step_progress(steps), self._stop
+
+        def on_step(i: int) -> None:
+            progress(i)
+            stop()
+
+        return on_step
 
     def _decode(self, requests: list[_Request]) -> list[tuple[list[Image.Image], list[list[Image.Image]] | None]]:
         """Each request's images and, for videos, its frames."""
@@ -517,6 +543,19 @@ def _prepare_loras(root: Path, manifest: Manifest, backend: str, files: Mapping[
     names = [n for n, c in manifest.components.items() if c.kind in ("fused_step", "text_encoder")]
     precisions = {n: component_precision(manifest, n, backend) for n in names}
     return prepare_loras(root, manifest, loras, files, precisions)
+
+
+def _stop_check(requests: Sequence[_Request]) -> Callable[[], None]:
+    """A check that raises :class:`Cancelled` once every request has a cancel event and all are set."""
+    events = [r.cancel for r in requests]
+    if not events or any(e is None for e in events):
+        return lambda: None
+
+    def stop() -> None:
+        if all(e.is_set() for e in events):
+            raise Cancelled(f"cancelled by the caller ({len(events)} request(s))")
+
+    return stop
 
 
 def step_progress(total: int, every: float = 2.0) -> Callable[[int], None]:
