@@ -36,6 +36,7 @@ from .cpu_optimize import add_cpu_graphs
 from .sources import ModelSources
 from .wan_package import DEFAULT_GUIDANCE, default_switch, write_wan_graphs
 from .wan_package import DEFAULT_SIZE as WAN_DEFAULT_SIZE
+from .wan_package import default_size as wan_default_size
 from .weights import LazyModule, check_memory, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class _Written:
     size_multiple: int
     decoder: str | None
     size: tuple[int, int]  # default height, width
+    max_latent: tuple[int, ...] | None = None  # Manifest.max_latent
 
 
 def _write_package(sources: ModelSources, work: Path, graphs: GraphChoice, switch: float, steps: int,
@@ -188,6 +190,7 @@ def _write_package(sources: ModelSources, work: Path, graphs: GraphChoice, switc
         artrt_version=artrt.__version__,
         targets=graphs.targets,
         precision=graphs.precision,
+        max_latent=w.max_latent,
     )
     if graphs.cpu:
         manifest = add_cpu_graphs(work, manifest)  # ort-cpu graphs with fused attention
@@ -225,8 +228,9 @@ def _write_unet_graphs(sources: ModelSources, work: Path, graphs: GraphChoice) -
 def _write_wan_graphs(sources: ModelSources, work: Path, graphs: GraphChoice) -> _Written:
     """The Wan family: UMT5, two flow-step experts, the VAE's first and chunk decoders (wan_package)."""
     components, experts, layout, files = write_wan_graphs(sources, work, graphs)
+    size = wan_default_size(WAN_DEFAULT_SIZE, layout["max_latent"], sources.latent_scale, layout["size_multiple"])
     return _Written(components, layout["tokenizers"], experts, files, layout["latent_channels"],
-                    layout["size_multiple"], layout["decoder"], WAN_DEFAULT_SIZE)
+                    layout["size_multiple"], layout["decoder"], size, layout["max_latent"])
 
 
 def _check_resources(sources: ModelSources, work: Path, graphs: GraphChoice) -> None:

@@ -168,8 +168,25 @@ def write_wan_graphs(sources: ModelSources, work: Path, graphs: Any) -> tuple[di
     components.update(decoder_components)
     files += written
     layout = {"tokenizers": {enc.name: tokenizer}, "latent_channels": channels,
-              "size_multiple": sources.latent_scale * PATCH, "decoder": "vae_decoder"}
+              "size_multiple": sources.latent_scale * PATCH, "decoder": "vae_decoder",
+              "max_latent": max_latent(sources.experts[0].unet.config)}
     return components, experts, layout, files
+
+
+def max_latent(config: Any) -> tuple[int, int, int]:
+    """The largest latent [frames, height, width] a Wan transformer can run: its rotary position
+    tables cover ``rope_max_seq_len`` patches along each axis (patches of 1 x 2 x 2 latents)."""
+    positions = int(config.rope_max_seq_len)
+    return positions, positions * PATCH, positions * PATCH
+
+
+def default_size(size: tuple[int, int], latent_limit: tuple[int, ...], latent_scale: int,
+                 multiple: int) -> tuple[int, int]:
+    """WanPipeline's default (height, width), scaled down (keeping its aspect, rounded down to
+    ``multiple``) where the transformer's position tables do not reach it."""
+    largest = (latent_limit[1] * latent_scale, latent_limit[2] * latent_scale)
+    factor = min(1.0, *(limit / side for limit, side in zip(largest, size)))
+    return tuple(max(multiple, int(side * factor) // multiple * multiple) for side in size)  # type: ignore[return-value]
 
 
 def _export_step(expert: ExpertSource, work: Path, text_dim: int, precisions: Any) -> tuple[Component, list[str]]:

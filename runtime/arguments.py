@@ -127,7 +127,7 @@ class GenerationArguments:
             raise InputError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
         if sampler is not None and not isinstance(sampler, str):
             raise InputError(f"sampler must be a string, got {type(sampler).__name__}")
-        return cls(
+        args = cls(
             prompt=prompt,
             negative_prompt=negative_prompt,
             steps=check_steps(_or(steps, d.steps)),
@@ -140,6 +140,22 @@ class GenerationArguments:
             num_images=check_int("num_images", num_images, 1),
             num_frames=check_frames(num_frames, m),
         )
+        args.check_latent_limit(m)
+        return args
+
+    def check_latent_limit(self, m: Manifest) -> None:
+        """Refuse sizes and frame counts beyond what the package's experts can position
+        (:attr:`Manifest.max_latent`: Wan's rotary tables), naming the largest that works."""
+        if m.max_latent is None:
+            return
+        frames, height, width = m.max_latent
+        s = m.latent_scale
+        if self.height > height * s or self.width > width * s:
+            raise InputError(f"{self.width}x{self.height} is larger than this package's transformers can place: "
+                             f"width and height must be <= {width * s}x{height * s}")
+        if is_flow(m) and latent_frames(self.num_frames) > frames:
+            raise InputError(f"num_frames {self.num_frames} is more than this package's transformers can place: "
+                             f"at most {(frames - 1) * 4 + 1}")
 
     def check_memory(self, m: Manifest) -> None:
         """Refuse (:class:`InputError`) a request whose estimated memory this machine does not have."""

@@ -141,9 +141,13 @@ class Manifest:
     # the export's choice of graphs (``--targets``, ``--precision``); empty / None in older packages
     targets: tuple[str, ...] = ()
     precision: str | None = None
+    # the largest latent [frames, height, width] the experts' position tables cover (Wan's RoPE); None: no limit
+    max_latent: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        if data["max_latent"] is None:  # written only where there is a limit
+            del data["max_latent"]
         data = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **data}
         return data
 
@@ -271,7 +275,17 @@ def _parse(data: Any) -> Manifest:
         artrt_version=str(data.get("artrt_version", "")),
         targets=tuple(str(t) for t in data.get("targets") or ()),
         precision=data.get("precision"),
+        max_latent=_max_latent(data.get("max_latent")),
     )
+
+
+def _max_latent(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 3 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ValueError(f"max_latent must be [frames, height, width] of positive integers, got {value!r}")
+    return tuple(value)
 
 
 def _tensors(items: list[dict[str, Any]]) -> tuple[TensorInfo, ...]:

@@ -147,6 +147,20 @@ def test_package_manifest(wan_package):
     assert m.tokenizers["text_encoder"].max_length == 512 and m.tokenizers["text_encoder"].pad_id == 0
     assert m.latent_channels == 16 and m.latent_scale == 8 and m.size_multiple == 16
     assert m.schedule["shift"] == 3.0
+    # rope_max_seq_len 32 patches per axis: WanPipeline's 832x480 is scaled to fit (512 px at most)
+    assert m.max_latent == (32, 64, 64) and (m.defaults.width, m.defaults.height) == (512, 288)
+
+
+def test_sizes_and_frames_past_the_position_tables_are_one_line(runtime):
+    """Past rope_max_seq_len the transformer cannot run (ONNX Runtime fails in a Reshape, diffusers
+    too): refused before any work, naming the limit; the default size runs."""
+    with pytest.raises(InputError, match=r"^528x288 is larger than this package's transformers can place: width "
+                                         r"and height must be <= 512x512$"):
+        runtime.generate(PROMPT, width=528, height=288)
+    with pytest.raises(InputError, match=r"^num_frames 129 is more than this package's transformers can place: at "
+                                         r"most 125$"):
+        runtime.generate(PROMPT, height=HEIGHT, width=WIDTH, num_frames=129)
+    assert runtime.generate(PROMPT, steps=1).images[0].size == (512, 288)
 
 
 def test_video_is_saved_as_animated_webp(runtime, tmp_path):
