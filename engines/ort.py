@@ -16,6 +16,10 @@ from .onnx_weights import check_weights, patched_bytes, read_initializers
 
 # Where a session created from bytes finds the graph's external data (onnxruntime_session_options_config_keys.h)
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+# Session log level (0 verbose .. 3 error, 4 fatal): a failed run's message reaches the caller in
+# the exception (EngineError), so ORT's own coloured error log would only print it twice; runs
+# log at their session's level unless RunOptions.log_severity_level says otherwise.
+SESSION_LOG_LEVEL = 4
 
 _ORT_TYPES = {
     "tensor(float)": np.dtype(np.float32),
@@ -127,7 +131,7 @@ class OrtCpuEngine(OrtSessionEngine):
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = SESSION_LOG_LEVEL
         model = self._model(options)
         try:
             self._session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])

@@ -31,7 +31,7 @@ import numpy as np
 
 from artrt.errors import EngineError, GraphCaptureError
 
-from .ort import OrtSessionEngine
+from .ort import SESSION_LOG_LEVEL, OrtSessionEngine
 
 CUDA_EP = "CUDAExecutionProvider"
 GRAPH_ID_KEY = "gpu_graph_id"  # run option: which captured graph a run uses; -1 = none
@@ -119,7 +119,7 @@ class OrtCudaEngine(OrtSessionEngine):
             raise self._no_cuda_ep(ort)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = SESSION_LOG_LEVEL
         stream = int(self.stream.handle) if self.stream is not None else 0
         providers = [(CUDA_EP, cuda_provider_options(self.device_id, stream, self.cuda_graph)), "CPUExecutionProvider"]
         model = self._model(options)

@@ -61,7 +61,7 @@ def test_info(capsys, sdxl_package):
         (["--switch", "-0.1"], "switch must be in [0, 1]"),
         (["--sampler", "heun"], "unknown sampler 'heun'"),
         (["--guidance", "1", "2", "3"], "guidance takes 1 or 2 values"),
-        (["--num-images", "0"], "num_images must be"),
+        (["--num-images", "0"], "--num-images must be"),
         (["--backend", "tpu"], "unknown backend 'tpu'"),
     ],
 )

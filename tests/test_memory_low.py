@@ -120,7 +120,7 @@ def test_cli_low_memory_and_tiles(capsys, sdxl_package, tmp_path):
     assert main([*argv, "-o", str(tmp_path / "b.png"), "--memory", "low"]) == 0
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert main([*argv, "-o", str(tmp_path / "c.png"), "--vae-tiles", "8"]) == 1
-    assert "vae_tile must be >= 64" in capsys.readouterr().err
+    assert "--vae-tiles must be >= 64" in capsys.readouterr().err
     assert main([*argv, "-o", str(tmp_path / "c.png"), "--vae-tiles", "64", "--height", "128", "--width", "128"]) == 0
 
 

@@ -68,6 +68,10 @@ def _check_common(args: argparse.Namespace) -> None:
 
     if getattr(args, "threads", None) is not None:
         check_int("--threads", args.threads, 1, max_threads())
+    if getattr(args, "vae_tiles", None) is not None:
+        from .options import check_memory_options
+
+        check_memory_options(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from artrt.errors import ArtrtError, InputError
 from artrt.runtime.arguments import check_backend, check_steps
 
 from .bench_report import busy_cpu_seconds, fit_line, format_table, machine_info, other_cores, summarize, write_json
-from .options import add_lora_option, add_memory_options, parse_loras
+from .options import add_lora_option, add_memory_options, check_memory_options, parse_loras
 
 log = logging.getLogger("artrt.runtime.cli.bench")  # also when run as __main__
 PROMPT = "a lighthouse at dusk"
@@ -144,7 +144,7 @@ def collect(samples: Sequence[Mapping[str, Any]], experts: Sequence[tuple[str, s
 
 
 def _timed_runs(pipe: Any, timer: EngineTimer, runs: int, steps: int, h: int, w: int, batch: int) -> list[dict]:
-    log.info("  %d run(s): %d steps, %dx%d, batch %d", runs, steps, h, w, batch)
+    log.info("  %d run(s): %d steps, %dx%d, batch %d", runs, steps, w, h, batch)
     return [generate_once(pipe, timer, steps, h, w, batch) for _ in range(runs)]
 
 
@@ -164,7 +164,7 @@ def fit_size(pipe: Any, timer: EngineTimer, cfg: BenchConfig, h: int, w: int, ma
     points = [(sh, sw, summarize([s["e2e"] for s in _timed_runs(pipe, timer, cfg.fit_runs, cfg.steps, sh, sw, 1)])
                ["p50"]) for sh, sw in sorted(scaled)] + [(h, w, main_p50)]
     fit = fit_line([a * b for a, b, _ in points], [t for *_, t in points])
-    return fit and {**fit, "points": [{"x": a * b, "x_label": f"{a}x{b}", "e2e_p50": t} for a, b, t in points]}
+    return fit and {**fit, "points": [{"x": a * b, "x_label": f"{b}x{a}", "e2e_p50": t} for a, b, t in points]}
 
 
 def peak_rss_mib() -> float | None:
@@ -245,13 +245,14 @@ METHOD = {
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """``256`` -> (256, 256); ``192x256`` -> (192, 256) as height x width."""
+    """``256`` -> (256, 256); ``192x256`` -> (192, 256) as width x height (as ``artrt info`` prints
+    sizes and the server's ``size`` takes them)."""
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not N or HxW") from None
+        raise argparse.ArgumentTypeError(f"size {text!r} is not N or WxH") from None
     if len(parts) not in (1, 2) or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not N or HxW")
+        raise argparse.ArgumentTypeError(f"size {text!r} is not N or WxH")
     return (parts[0], parts[-1])
 
 
@@ -259,7 +260,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, help="package directory")
     p.add_argument("--backend", default="auto", help="auto (default), trt, ort-cuda or ort-cpu")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--size", type=parse_size, help="N or HxW in pixels (default: the package's size)")
+    p.add_argument("--size", type=parse_size, help="N or WxH (width x height) in pixels (default: the package's size)")
     p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B", help="batch sizes for throughput")
     p.add_argument("--runs", type=int, default=5, help="timed runs per setting, after warm-up (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs after the cold start (default 1)")
@@ -281,7 +282,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> None:
-    height, width = args.size or (None, None)
+    check_memory_options(args)
+    width, height = args.size or (None, None)
     cfg = BenchConfig(args.model, args.backend, args.steps, height, width, tuple(args.batch), args.runs, args.warmup,
                       args.threads, not args.no_fit, args.fit_runs, not args.no_verify, args.memory, args.vae_tiles,
                       tuple(args.lora))

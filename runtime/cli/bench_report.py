@@ -140,7 +140,7 @@ def format_table(report: Mapping[str, Any]) -> str:
     c, m = report["config"], report["machine"]
     overhead = report["stages"].get("host_overhead_pct", {}).get("p50")
     lines = [
-        f"artrt bench  {c['model']}  backend {report['backend']}  {c['steps']} steps  {c['height']}x{c['width']}"
+        f"artrt bench  {c['model']}  backend {report['backend']}  {c['steps']} steps  {c['width']}x{c['height']}"
         f"  runs {c['runs']} (warm-up {c['warmup']})  threads {c['threads'] or 'default'}",
         f"machine       {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, {m['date']}"
         + ("" if m.get("other_processes_cores") is None else

@@ -6,7 +6,16 @@ import argparse
 import logging
 from pathlib import Path
 
-from .options import add_lora_option, add_runtime_options, add_sampling_options, check_output, parse_loras
+from artrt.errors import InputError
+
+from .options import (
+    add_lora_option,
+    add_runtime_options,
+    add_sampling_options,
+    check_memory_options,
+    check_output,
+    parse_loras,
+)
 
 log = logging.getLogger("artrt")
 
@@ -34,16 +43,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from artrt.runtime.arguments import GenerationArguments
+    from artrt.runtime.arguments import GenerationArguments, check_frames
+    from artrt.runtime.checks import check_int
     from artrt.runtime.package import read_manifest
     from artrt.runtime.pipeline import Pipeline
 
-    video = args.frames != 1
+    manifest = read_manifest(args.model, verify_hashes=False)  # every argument checked before any engine loads
+    check_int("--num-images", args.num_images, 1)
+    try:  # what the package makes decides the output's suffix, so it is checked first
+        video = check_frames(args.frames, manifest) != 1
+    except InputError as exc:  # named as the flag, not as Pipeline.generate's argument
+        raise InputError(str(exc).replace("num_frames", "--frames")) from None
     args.output = args.output or Path("out.webp" if video else "out.png")
     check_output(args.output, video)
+    check_memory_options(args)
     guidance = args.guidance[0] if args.guidance and len(args.guidance) == 1 else args.guidance
     loras = parse_loras(args.lora)
-    manifest = read_manifest(args.model, verify_hashes=False)  # every argument checked before any engine loads
     GenerationArguments.check(
         manifest, args.prompt, args.negative_prompt, args.steps, guidance, args.switch, args.sampler, args.seed,
         args.height, args.width, args.num_images, args.frames,

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> None:
         "experts:",
     ]
     lines += [f"  {e.name:<12} {e.component}  text: {', '.join(e.conditioning.text_encoders)}"
-              f"  time ids: {e.conditioning.time_ids}" for e in m.experts]
+              + (f"  time ids: {e.conditioning.time_ids}" if e.conditioning.time_ids else "") for e in m.experts]
     lines.append("components:")
     sizes = {f.path: f.size for f in m.files}
     for c in m.components.values():

@@ -64,6 +64,17 @@ def add_memory_options(p: argparse.ArgumentParser) -> None:
                    "the decoder's memory on large images; slightly different pixels, see docs/requests.md)")
 
 
+MIN_VAE_TILE = 64  # pixels; Pipeline.load refuses smaller tiles
+
+
+def check_memory_options(args: argparse.Namespace) -> None:
+    """``--vae-tiles`` checked under the flag's name (Pipeline.load would name it ``vae_tile``)."""
+    from artrt.runtime.checks import check_int
+
+    if args.vae_tiles is not None:
+        check_int("--vae-tiles", args.vae_tiles, MIN_VAE_TILE)
+
+
 def check_output(path: Path, video: bool = False) -> None:
     """Refuse an output path that cannot be written: PNG for images, animated WebP for videos."""
     suffix = ".webp" if video else ".png"

@@ -190,7 +190,26 @@ def _line(record: dict[str, Any]) -> bytes:
 
 def _check_same(task: ImageTask, record: dict[str, Any], metadata: Path) -> None:
     for name in GENERATION_FIELDS:
-        if record.get(name) != task.parameters.get(name):  # "loras" only where LoRAs are applied
-            raise InputError(
-                f"{metadata} has image {task.id} with {name} {record.get(name)!r}, this job asks for "
-                f"{task.parameters.get(name)!r}: use --overwrite to redo the set, or another --out")
+        old, new = record.get(name), task.parameters.get(name)
+        if old != new:  # "loras" only where LoRAs are applied
+            if name == "loras":
+                had, asks = _loras_text(old), _loras_text(new)
+                if had == asks:
+                    asks += " (a LoRA file changed since)"
+            else:
+                had, asks = f"{name} {_value_text(old)}", _value_text(new)
+            raise InputError(f"{metadata} has image {task.id} with {had}, this job asks for {asks}: "
+                             "use --overwrite to redo the set, or another --out")
+
+
+def _value_text(value: Any) -> str:
+    return "none" if value is None else repr(value)
+
+
+def _loras_text(loras: Any) -> str:
+    """A record's LoRAs as ``LoRAs FILE:SCALE@EXPERT, ...`` (``no LoRAs`` without any)."""
+    if not loras:
+        return "no LoRAs"
+    if not isinstance(loras, list) or not all(isinstance(x, dict) for x in loras):
+        return f"LoRAs {loras!r}"
+    return "LoRAs " + ", ".join(f"{Path(str(x.get('file'))).name}:{x.get('scale')}@{x.get('expert')}" for x in loras)
