@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from artrt.runtime.package import Component, TensorInfo, TokenizerInfo
+from artrt.runtime.package import Attention, Component, TensorInfo, TokenizerInfo
 
+from .attention_cost import unet_attention, vae_attention
 from .graphs import DecoderGraph, FusedStepGraph, TextEncoderGraph
 from .lora_targets import lora_fingerprints, write_lora_targets
 from .onnx_io import compare_onnx, place_onnx, run_module, tensor_info, trace_onnx
@@ -87,7 +88,8 @@ def _load(name: str, source: torch.nn.Module | LazyModule) -> tuple[torch.nn.Mod
     return module, owned
 
 
-def _component(name: str, kind: str, work: Path, written: dict, tokenizer=None) -> Component:
+def _component(name: str, kind: str, work: Path, written: dict, tokenizer=None,
+               attention: Attention | None = None) -> Component:
     """The manifest entry of ``written`` graphs; its inputs and outputs are the fp32 graph's, else
     the fp16 graph's (the runtime feeds both the same, casting conditioning to the graph's dtype)."""
     onnx_rel, errors = written.get("fp32", (None, {}))
@@ -97,7 +99,8 @@ def _component(name: str, kind: str, work: Path, written: dict, tokenizer=None) 
     def infos(items: list[dict]) -> tuple[TensorInfo, ...]:
         return tuple(TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
 
-    return Component(name, kind, onnx_rel, infos(inputs), infos(outputs), tokenizer, errors, onnx_fp16, errors_fp16)
+    return Component(name, kind, onnx_rel, infos(inputs), infos(outputs), tokenizer, errors, onnx_fp16, errors_fp16,
+                     attention=attention)
 
 
 @dataclass
@@ -266,7 +269,7 @@ def export_expert(expert: ExpertSource, sources: ModelSources, work: Path, laten
     written.append(write_lora_targets(fingerprints, work, name, graphs))
     del job
     _release_memory()
-    comp = _component(name, "fused_step", work, graphs)
+    comp = _component(name, "fused_step", work, graphs, attention=unet_attention(expert.unet.config, expert.patch))
     log.info("%s: done (%.1f s)", name, time.perf_counter() - started)
     return comp, written
 
@@ -280,6 +283,7 @@ def export_decoder(vae: torch.nn.Module | LazyModule, work: Path, latent: tuple[
     check = {"latents": torch.randn(2, channels, size, 2 * size, generator=g)}
     axes = {"latents": LATENT_AXES, "image": {0: "batch", 2: "height", 3: "width"}}
     module, owned = _load("vae_decoder", vae)
+    attention = vae_attention(module.config)
     graph = DecoderGraph(module).eval()
     del module
     job = _Graph("vae_decoder", graph, owned, inputs, check, ["image"], axes, precisions, fp32_io=True)
@@ -287,7 +291,7 @@ def export_decoder(vae: torch.nn.Module | LazyModule, work: Path, latent: tuple[
     written, graphs = _export_graph(job, work)
     del job
     _release_memory()
-    comp = _component("vae_decoder", "vae_decoder", work, graphs)
+    comp = _component("vae_decoder", "vae_decoder", work, graphs, attention=attention)
     log.info("vae_decoder: done (%.1f s)", time.perf_counter() - started)
     return comp, written
 

@@ -22,6 +22,7 @@ from artrt.runtime.flow import FlowSampler, FlowScheduleConfig
 from artrt.runtime.package import Component, Conditioning, Expert, TokenizerInfo
 from artrt.runtime.video import CHUNK_DECODER, LATENTS, VIDEO, WAN_FAMILY, cache_name, next_cache_name
 
+from .attention_cost import vae_attention, wan_transformer_attention
 from .components import _component, _export_graph, _Graph, _load, _release_memory
 from .lora_targets import lora_fingerprints, write_lora_targets
 from .sources import ExpertSource, ModelSources, TextEncoderSource, _diffusers_config, _model_index
@@ -207,7 +208,8 @@ def _export_step(expert: ExpertSource, work: Path, text_dim: int, precisions: An
     written.append(write_lora_targets(fingerprints, work, name, graphs))
     del job
     _release_memory()
-    return _component(name, "fused_step", work, graphs), written
+    attention = wan_transformer_attention(expert.unet.config)
+    return _component(name, "fused_step", work, graphs, attention=attention), written
 
 
 def _export_decoder(vae_source: Any, work: Path) -> tuple[dict[str, Component], list[str], int]:
@@ -239,7 +241,7 @@ def _export_decoder(vae_source: Any, work: Path) -> tuple[dict[str, Component], 
         written, graphs = _export_graph(job, work)
         video = ["batch", video_channels, frames, VIDEO_AXES[3], VIDEO_AXES[4]]
         declare_output_shapes(work / graphs["fp32"][0], {VIDEO: video} | cache_shapes)
-        components[name] = _component(name, "vae_decoder", work, graphs)
+        components[name] = _component(name, "vae_decoder", work, graphs, attention=vae_attention(vae.config))
         files += written
     del vae, jobs
     if owned:

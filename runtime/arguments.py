@@ -20,7 +20,7 @@ import artrt
 from artrt.engines import BACKENDS
 from artrt.errors import InputError
 
-from .budget import check_fits, request_cost
+from .budget import attention_bytes, check_fits, request_cost
 from .checks import check_float, check_int, check_steps, check_switch
 from .flow import FlowSampler
 from .package import Manifest
@@ -157,10 +157,13 @@ class GenerationArguments:
             raise InputError(f"num_frames {self.num_frames} is more than this package's transformers can place: "
                              f"at most {(frames - 1) * 4 + 1}")
 
-    def check_memory(self, m: Manifest) -> None:
-        """Refuse (:class:`InputError`) a request whose estimated memory this machine does not have."""
-        cost = request_cost(self.latent_shape(m), self.height, self.width, self.steps, self.sampler.draws_noise,
-                            frames=self.num_frames)
+    def check_memory(self, m: Manifest, device: str = "cpu") -> None:
+        """Refuse (:class:`InputError`) a request whose estimated memory this machine does not have
+        (``device``: where the engines run; attention scores count on the CPU only)."""
+        shape = self.latent_shape(m)
+        attention = attention_bytes(m, shape) if device == "cpu" else 0
+        cost = request_cost(shape, self.height, self.width, self.steps, self.sampler.draws_noise,
+                            frames=self.num_frames, attention=attention)
         frames = f" of {self.num_frames} frames" if self.num_frames > 1 else ""
         check_fits(cost, f"{self.num_images} {'video' if frames else 'image'}(s){frames} of {self.width}x{self.height}")
 

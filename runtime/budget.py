@@ -23,6 +23,9 @@ from .engine_records import check_cpu_graphs
 from .package import Manifest, graph_bytes
 
 ACTIVATION_BYTES_PER_PIXEL = 4096
+# ONNX Runtime CPU holds about 4 score-sized tensors at an attention's peak (scores, scaled, softmax,
+# ...): measured on the demo model's plain graph, 256 and 384 px (docs/requests.md)
+ATTENTION_COPIES = 4
 HEADROOM = 0.9  # of the available memory a request may plan to use
 GIB = 2**30
 
@@ -34,22 +37,42 @@ class RequestCost:
     buffers: int  # noise, loop buffers, step-noise table
     pixels: int  # decoded float pixels and 8-bit images
     activations: int  # engines' working memory (upper-bound model)
+    attention: int = 0  # the largest attention's scores on the CPU (:func:`attention_bytes`)
 
     @property
     def total(self) -> int:
-        return self.buffers + self.pixels + self.activations
+        return self.buffers + self.pixels + self.activations + self.attention
+
+
+def attention_bytes(manifest: Manifest, latent_shape: tuple[int, ...]) -> int:
+    """Peak bytes of the largest attention of any component for one engine batch of ``latent_shape``
+    on ONNX Runtime CPU, which materializes ``[batch, heads, tokens, tokens]`` float scores and a few
+    same-size intermediates (:data:`ATTENTION_COPIES`); experts run twice the batch (guidance).
+    0 for packages exported before components recorded their attention."""
+    batch, *_, height, width = (int(d) for d in latent_shape)
+    frames = int(latent_shape[2]) if len(latent_shape) == 5 else 1
+    largest = 0
+    for comp in manifest.components.values():
+        a = comp.attention
+        if a is None:
+            continue
+        tokens = -(-height // a.stride) * -(-width // a.stride) * (frames if a.frames else 1)
+        rows = batch * (2 if comp.kind == "fused_step" else 1)
+        largest = max(largest, rows * a.heads * tokens * tokens * 4 * ATTENTION_COPIES)
+    return largest
 
 
 def request_cost(
     latent_shape: tuple[int, ...], height: int, width: int, steps: int, noisy: bool, noise_images: int | None = None,
-    frames: int = 1,
+    frames: int = 1, attention: int = 0,
 ) -> RequestCost:
     """The cost of one engine batch of ``latent_shape[0]`` images (videos of ``frames`` frames) of
     ``height`` x ``width``.
 
     ``noisy``: the sampler draws fresh noise every step (a ``[steps, *latent_shape]`` table).
     ``noise_images``: rows of initial noise drawn for the request when more than the batch
-    (offline sampling draws an item's whole noise at once).
+    (offline sampling draws an item's whole noise at once). ``attention``: :func:`attention_bytes`
+    where the engines run on the CPU.
     """
     batch = int(latent_shape[0])
     per_image = 4
@@ -62,7 +85,7 @@ def request_cost(
     pixels = batch * frames * height * width * 3 * (4 + 2)  # float32 decoder output, uint8 array and PIL image
     # a video decoder makes up to 4 frames per call (docs/wan-design.md) and carries its caches
     activations = batch * min(frames, 4) * height * width * ACTIVATION_BYTES_PER_PIXEL
-    return RequestCost(buffers, pixels, activations)
+    return RequestCost(buffers, pixels, activations, attention)
 
 
 def available_memory() -> int | None:
@@ -87,7 +110,8 @@ def check_fits(cost: RequestCost, what: str, available: int | None = None) -> No
         return
     raise InputError(
         f"{what} needs about {cost.total / GIB:.1f} GiB of memory (engines {cost.activations / GIB:.1f}, "
-        f"buffers {(cost.buffers + cost.pixels) / GIB:.1f}); {available / GIB:.1f} GiB is available: "
+        + (f"attention {cost.attention / GIB:.1f}, " if cost.attention else "")
+        + f"buffers {(cost.buffers + cost.pixels) / GIB:.1f}); {available / GIB:.1f} GiB is available: "
         "ask for fewer images or a smaller size"
     )
 

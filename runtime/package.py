@@ -34,6 +34,17 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class Attention:
+    """A component's largest attention (recorded at export; :mod:`artrt.export.attention_cost`):
+    ``heads`` over ``ceil(h/stride) * ceil(w/stride)`` tokens of the latent grid, times the latent
+    frames where ``frames`` (Wan's transformers attend across frames)."""
+
+    heads: int
+    stride: int
+    frames: bool = False
+
+
+@dataclass(frozen=True)
 class Component:
     """One network of the package (a text encoder, an expert step or the decoder) and its graphs.
 
@@ -52,6 +63,7 @@ class Component:
     export_check_fp16: dict[str, float] = field(default_factory=dict)  # vs the fp32 PyTorch module
     # fp32 graph rewritten for ONNX Runtime CPU (fused attention; None: ort-cpu uses ``onnx``)
     onnx_cpu: str | None = None
+    attention: Attention | None = None  # its largest attention, for the memory estimate (None: unknown)
 
     @property
     def cpu_graph(self) -> str | None:
@@ -148,6 +160,9 @@ class Manifest:
         data = asdict(self)
         if data["max_latent"] is None:  # written only where there is a limit
             del data["max_latent"]
+        for component in data["components"].values():
+            if component["attention"] is None:  # older packages: no attention record
+                del component["attention"]
         data = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **data}
         return data
 
@@ -304,7 +319,17 @@ def _component(c: dict[str, Any]) -> Component:
         onnx_fp16=c.get("onnx_fp16"),
         export_check_fp16=dict(c.get("export_check_fp16", {})),
         onnx_cpu=c.get("onnx_cpu"),
+        attention=_attention(c.get("attention")),
     )
+
+
+def _attention(value: Any) -> Attention | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"heads", "stride", "frames"}:
+        raise ValueError(f"a component's 'attention' must be {{heads, stride, frames}}, got {value!r}")
+    heads, stride = _positive(value, "heads"), _positive(value, "stride")
+    return Attention(heads, stride, bool(value.get("frames", False)))
 
 
 def _positive(data: dict[str, Any], key: str) -> int:

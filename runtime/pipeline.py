@@ -297,7 +297,7 @@ class Pipeline:
         )
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise InputError(f"cancel must be a threading.Event (anything with is_set()), got {cancel!r}")
-        args.check_memory(self.manifest)
+        args.check_memory(self.manifest, self.device)
         check_profiles(self.root, self.manifest, self.backend, args.num_images, args.height, args.width,
                        args.num_frames)
         rng = np.random.default_rng(args.seed)  # initial noise, then (ancestral samplers) step noise
@@ -364,7 +364,7 @@ class Pipeline:
         try:
             check_profiles(self.root, self.manifest, self.backend, args.num_images, args.height, args.width,
                            args.num_frames)
-            args.check_memory(self.manifest)
+            args.check_memory(self.manifest, self.device)
         except ArtrtError as exc:
             log.debug("not batching %d requests: %s", len(group), exc)
             return False

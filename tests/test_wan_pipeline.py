@@ -14,7 +14,7 @@ from conftest import psnr
 
 from artrt.errors import InputError
 from artrt.runtime import Pipeline
-from artrt.runtime.package import read_manifest
+from artrt.runtime.package import Attention, read_manifest
 from artrt.runtime.video import read_webp_parameters
 
 PROMPT, NEGATIVE = "a red cat with a blue dog", "blurry, low quality"
@@ -149,6 +149,9 @@ def test_package_manifest(wan_package):
     assert m.schedule["shift"] == 3.0
     # rope_max_seq_len 32 patches per axis: WanPipeline's 832x480 is scaled to fit (512 px at most)
     assert m.max_latent == (32, 64, 64) and (m.defaults.width, m.defaults.height) == (512, 288)
+    # attention for the memory estimate: the transformers attend across frames, the VAE per frame
+    assert m.components["expert_composition"].attention == Attention(heads=2, stride=2, frames=True)
+    assert m.components["vae_decoder_chunk"].attention == Attention(heads=1, stride=1, frames=False)
 
 
 def test_sizes_and_frames_past_the_position_tables_are_one_line(runtime):

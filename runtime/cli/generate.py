@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
     GenerationArguments.check(
         manifest, args.prompt, args.negative_prompt, args.steps, guidance, args.switch, args.sampler, args.seed,
         args.height, args.width, args.num_images, args.frames,
-    ).check_memory(manifest)
+    ).check_memory(manifest, "cpu" if args.backend in ("auto", "ort-cpu") else "cuda")  # auto: as if on the CPU
     with Pipeline.load(args.model, backend=args.backend, threads=args.threads,
                        verify_hashes=not args.no_verify, loras=loras,
                        memory=args.memory, vae_tile=args.vae_tiles) as pipe:

@@ -27,7 +27,7 @@ import numpy as np
 
 from artrt.errors import ArtrtError, InputError
 from artrt.runtime.arguments import GenerationArguments, check_int, parse_sampler
-from artrt.runtime.budget import check_fits, request_cost
+from artrt.runtime.budget import attention_bytes, check_fits, request_cost
 from artrt.runtime.images import encode_png
 from artrt.runtime.lora import Lora
 from artrt.runtime.package import Manifest
@@ -151,7 +151,8 @@ def _item_tasks(item: PromptItem, options: SampleOptions, manifest: Manifest, ba
     images = args.num_images if args.sampler.draws_noise else min(args.num_images, batch)
     shape = (images, *args.latent_shape(manifest)[1:])
     cost = request_cost(shape, args.height, args.width, args.steps, args.sampler.draws_noise,
-                        noise_images=args.num_images, frames=args.num_frames)
+                        noise_images=args.num_images, frames=args.num_frames,
+                        attention=attention_bytes(manifest, shape))  # sample runs mostly on CPUs: counted
     what = f"video(s) of {args.num_frames} frames" if args.num_frames > 1 else "image(s)"
     check_fits(cost, f"{images} {what} of {args.width}x{args.height} at once")
     parameters = {**args.record(manifest), **extra}
