@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,11 +92,27 @@ def to_frames(video: np.ndarray) -> list[list[Image.Image]]:
     return [[Image.fromarray(np.round(frame * 255).astype(np.uint8)) for frame in clip] for clip in video]
 
 
+XMP_NAMESPACE = "https://artrt.dev/ns/1.0/"  # the namespace of artrt:parameters in a video's XMP packet
+
+
+def xmp_packet(parameters: Mapping[str, Any]) -> bytes:
+    """An XMP packet (RDF/XML) holding ``parameters`` as JSON text in ``artrt:parameters``, which
+    XMP readers (exiftool, Pillow's ``getxmp``) list as one property."""
+    x, rdf = "adobe:ns:meta/", "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+    ET.register_namespace("x", x)
+    ET.register_namespace("rdf", rdf)
+    ET.register_namespace("artrt", XMP_NAMESPACE)
+    meta = ET.Element(f"{{{x}}}xmpmeta")
+    description = ET.SubElement(ET.SubElement(meta, f"{{{rdf}}}RDF"), f"{{{rdf}}}Description", {f"{{{rdf}}}about": ""})
+    ET.SubElement(description, f"{{{XMP_NAMESPACE}}}parameters").text = json.dumps(dict(parameters), sort_keys=True)
+    return ET.tostring(meta, encoding="utf-8")
+
+
 def encode_webp(frames: Sequence[Image.Image], parameters: Mapping[str, Any], fps: int = FPS) -> bytes:
-    """Animated, lossless WebP bytes of ``frames`` with ``parameters`` as JSON in its XMP chunk."""
+    """Animated, lossless WebP bytes of ``frames`` with ``parameters`` in its XMP chunk (:func:`xmp_packet`)."""
     buffer = io.BytesIO()
     frames[0].save(buffer, format="WEBP", save_all=True, append_images=list(frames[1:]), lossless=True,
-                   duration=round(1000 / fps), loop=0, xmp=json.dumps(dict(parameters), sort_keys=True).encode())
+                   duration=round(1000 / fps), loop=0, xmp=xmp_packet(parameters))
     return buffer.getvalue()
 
 
@@ -112,4 +129,12 @@ def save_webp(frames: Sequence[Image.Image], path: str | Path, parameters: Mappi
 def read_webp_parameters(path: str | Path) -> dict[str, Any]:
     """The generation parameters stored by :func:`save_webp`."""
     with Image.open(path) as image:
-        return json.loads(image.info["xmp"])
+        xmp = image.info.get("xmp")
+    if not xmp:
+        raise InputError(f"{path} holds no artrt parameters (no XMP chunk)")
+    if xmp.lstrip().startswith(b"{"):  # written by artrt before the XMP packet: bare JSON
+        return json.loads(xmp)
+    node = ET.fromstring(xmp).find(f".//{{{XMP_NAMESPACE}}}parameters")
+    if node is None or not node.text:
+        raise InputError(f"{path} holds no artrt parameters in its XMP packet")
+    return json.loads(node.text)

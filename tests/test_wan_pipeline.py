@@ -173,6 +173,8 @@ def test_video_is_saved_as_animated_webp(runtime, tmp_path):
 
     with Image.open(path) as image:
         assert image.n_frames == 5 and image.size == (WIDTH, HEIGHT)
+        xmp = image.info["xmp"]  # an XMP packet (RDF/XML) with the parameters as one property
+    assert xmp.startswith(b"<x:xmpmeta") and b"<rdf:Description" in xmp and b"<artrt:parameters>" in xmp
     assert read_webp_parameters(path)["num_frames"] == 5 and read_webp_parameters(path)["seed"] == 3
     with pytest.raises(InputError, match="must end in .webp"):
         result.save(tmp_path / "clip.png")
