@@ -4,7 +4,13 @@ Names are imported on first use, so ``artrt.export.build`` (TensorRT / ORT build
 package) does not pull in torch.
 """
 
+import logging
 from typing import Any
+
+# diffusers warns at import when two installed distributions provide one module; the export extra
+# installs optimum and optimum-onnx, which both provide "optimum": noise on every export
+logging.getLogger("diffusers.utils.import_utils").addFilter(
+    lambda record: "Multiple distributions found for package optimum" not in record.getMessage())
 
 __all__ = ["ModelSources", "check_output_dir", "export_package", "load_same_arch", "load_sdxl_ensemble"]
 
