@@ -46,11 +46,12 @@ def demo_pipe():
 class SharedPipeline:
     """The module's pipeline as one server's: closing it is a no-op (every server closes its own at
     shutdown); ``gate`` holds generate() and generate_many() until set; a prompt equal to ``fail``
-    raises a bug."""
+    raises ``error`` (default: a bug)."""
 
-    def __init__(self, pipe, fail: str | None = None) -> None:
+    def __init__(self, pipe, fail: str | None = None, error: Exception | None = None) -> None:
         self._pipe = pipe
         self.fail = fail
+        self.error = error
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
@@ -70,7 +71,7 @@ class SharedPipeline:
         self.entered.set()
         self.gate.wait(60)
         if self.fail in prompts:
-            raise RuntimeError("a bug in one request")
+            raise self.error or RuntimeError("a bug in one request")
 
     def close(self) -> None:
         pass
@@ -166,7 +167,7 @@ def test_models_and_health(server):
     assert [m.id for m in models.data] == [MODEL]
     card = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]
     assert card["artrt"]["defaults"]["size"] == "32x32" and card["artrt"]["size_multiple"] == 8
-    assert httpx.get(f"{url}/health").json() == {"status": "ready", "model": MODEL}
+    assert httpx.get(f"{url}/health").json() == {"status": "ready", "model": MODEL, "running": 0, "queued": 0}
 
 
 @pytest.mark.parametrize("body, status, param, words", [
@@ -346,3 +347,144 @@ def test_a_package_that_fails_to_load_says_why(demo_pipe):
     assert "sha256 mismatch" in health.json()["error"]
     response = http.post("/v1/images/generations", json={"prompt": "p"})
     assert response.status_code == 503 and response.json()["error"]["code"] == "load_failed"
+
+
+# Faults found in a user trial: a 504 or a client that goes away stops the running request; 404 and
+# 405 in OpenAI's shape; error messages on one line.
+
+HEAVY = {"prompt": "a red circle", "n": 8, "steps": 150, "seed": 1}  # about 10 s on 2 CPU cores
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health").json()
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} metric")
+
+
+def wait_until(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_504_stops_the_running_request_so_the_next_one_is_answered(demo_pipe):
+    """A heavy request past --timeout gets 504 and its engine call stops at the next step: a small
+    request sent right after is answered within its own deadline (not stuck behind the heavy one)."""
+    with serving(SharedPipeline(demo_pipe), max_batch=1, timeout=2) as (url, service), ThreadPoolExecutor(1) as pool:
+        wait_ready(url)
+        started = time.monotonic()
+        heavy = pool.submit(post, url, HEAVY)
+        wait_until(lambda: health(url)["running"] == 1 or heavy.done())
+        assert metric(url, "artrt_requests_running") == 1.0 and health(url)["queued"] == 0
+        response = heavy.result()
+        assert response.status_code == 504 and response.json()["error"]["code"] == "deadline_exceeded"
+        assert time.monotonic() - started < 6
+        small = post(url, {"prompt": "a blue square", "steps": 2})
+        assert small.status_code == 200, small.text
+        assert time.monotonic() - started < 6  # the heavy request alone runs about 10 s
+        assert health(url) == {"status": "ready", "model": MODEL, "running": 0, "queued": 0}
+        assert metric(url, "artrt_requests_running") == 0.0
+
+
+def test_a_client_that_goes_away_has_its_request_stopped(demo_pipe):
+    with serving(SharedPipeline(demo_pipe), max_batch=1) as (url, service):
+        wait_ready(url)
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/images/generations", json=HEAVY, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=1.5)
+        wait_until(lambda: health(url)["running"] == 0, 10)
+        assert time.monotonic() - started < 6  # stopped, not run to its end
+        assert post(url, {"prompt": "p", "steps": 2}).status_code == 200
+        wait_until(lambda: 'artrt_errors_total{type="client_closed"} 1.0' in httpx.get(f"{url}/metrics").text, 10)
+
+
+@pytest.mark.parametrize("method, path, status, code", [
+    ("GET", "/v1/nothing", 404, "not_found"),
+    ("POST", "/nothing", 404, "not_found"),
+    ("GET", "/v1/images/generations", 405, "method_not_allowed"),
+    ("DELETE", "/v1/models", 405, "method_not_allowed"),
+    ("POST", "/health", 405, "method_not_allowed"),
+])
+def test_unknown_routes_and_methods_get_openai_errors(server, method, path, status, code):
+    url, _ = server
+    response = httpx.request(method, f"{url}{path}", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == status and response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code and error["type"] == "invalid_request_error" and path in error["message"]
+    if status == 405:
+        assert "allow" in response.headers and response.headers["allow"] in error["message"]
+
+
+def test_an_engine_failure_is_500_with_one_line(demo_pipe):
+    from artrt.errors import EngineError
+
+    ort = ("expert_composition: onnxruntime failed: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid "
+           "dimensions for input: sample for the following indices\n index: 2 Got: 16 Expected: 8\n Please fix "
+           "either the inputs/outputs or the model.\n")
+    pipe = SharedPipeline(demo_pipe, fail="boom", error=EngineError(ort + "x" * 5000))
+    with serving(pipe, max_batch=1) as (url, _):
+        wait_ready(url)
+        response = post(url, {"prompt": "boom", "steps": 2})
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["code"] == "EngineError" and error["type"] == "server_error"
+        message = error["message"]
+        assert "\n" not in message and "  " not in message and len(message) <= 600
+        assert message.startswith("expert_composition: onnxruntime failed: [ONNXRuntimeError]")
+        assert "index: 2 Got: 16 Expected: 8 Please fix" in message and message.endswith("...")
+        assert post(url, {"prompt": "fine", "steps": 2}).status_code == 200
+
+
+def test_a_failing_warm_up_says_why_in_one_line(demo_pipe):
+    """The warm-up generation at the package's default size fails (an engine refuses it): /health and
+    the service's problem (the CLI's exit line) say so in one line."""
+    from starlette.testclient import TestClient
+
+    from artrt.errors import EngineError
+
+    pipe = SharedPipeline(demo_pipe, fail="warm-up", error=EngineError(
+        "expert_composition: onnxruntime failed: Non concat axis dimensions must match:\n Axis 2 has mismatched "
+        "dimensions of 3 and 4\n"))
+    service = ImageService(demo_pipe.manifest, lambda: pipe, MODEL)
+    stopped = threading.Event()
+    service.on_failure = stopped.set
+    http = TestClient(create_app(service))
+    service.start()
+    assert stopped.wait(30)
+    assert isinstance(service.problem, EngineError)
+    problem = str(service.problem)
+    assert problem == ("the warm-up generation at the package's default size (32x32, 4 steps) failed: "
+                       "expert_composition: onnxruntime failed: Non concat axis dimensions must match: Axis 2 has "
+                       "mismatched dimensions of 3 and 4")
+    body = http.get("/health").json()
+    assert body["status"] == "failed" and body["error"] == problem
+    response = http.post("/v1/images/generations", json={"prompt": "p"})
+    assert response.status_code == 503 and "\n" not in response.json()["error"]["message"]
+
+
+def test_a_bug_in_a_route_is_500_in_openai_shape(demo_pipe, monkeypatch):
+    from starlette.testclient import TestClient
+
+    service = ImageService(demo_pipe.manifest, lambda: demo_pipe, MODEL)
+    monkeypatch.setattr(service.metrics, "render", lambda: 1 / 0)
+    response = TestClient(create_app(service), raise_server_exceptions=False).get("/metrics")
+    assert response.status_code == 500
+    assert response.json()["error"] == {"message": "internal error: ZeroDivisionError('division by zero')",
+                                        "type": "server_error", "param": None, "code": "internal_error"}
+
+
+def test_one_line():
+    from artrt.runtime.serve.protocol import error_body, one_line
+
+    assert one_line("a\n  b\tc\n") == "a b c"
+    long = one_line("word " * 1000)
+    assert len(long) == 600 and long.endswith("...")
+    assert error_body("x\ny", "server_error")["error"]["message"] == "x y"

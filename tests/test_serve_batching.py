@@ -107,7 +107,8 @@ class Recorder:
         self.gate.set()
         self.entered = threading.Event()
 
-    def __call__(self, requests):
+    def __call__(self, requests, cancels):
+        assert len(cancels) == len(requests) and not any(c.is_set() for c in cancels)
         self.entered.set()
         self.gate.wait(30)
         self.groups.append([r.args.prompt for r in requests])
@@ -190,3 +191,93 @@ def test_queue_bound_deadline_withdraw_and_close(manifest):
     with pytest.raises(TimeoutError):
         expired.future.result(0)
     assert runner.groups == [["running"], ["queued"]]
+
+
+# Cancellation: withdraw (the app's 504, or a client that went away) and deadlines stop a running job.
+
+class UntilCancelled:
+    """A runner that runs until every request's cancel event is set, then raises Cancelled (as
+    generate_many does); fails with ``fail`` instead when that prompt is in the group."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.groups: list[list[str]] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.fail = fail
+
+    def __call__(self, requests, cancels):
+        from artrt.errors import Cancelled
+
+        prompts = [r.args.prompt for r in requests]
+        self.groups.append(prompts)
+        self.entered.set()
+        if self.fail in prompts:
+            self.gate.wait(30)
+            raise InputError(f"{self.fail} cannot be drawn")
+        if all(r.args.steps == 1 for r in requests):  # a quick request: answered at once
+            return [GenerationResult([], {"total": 0.0}, {"prompt": p}) for p in prompts]
+        deadline = time.monotonic() + 30
+        while not all(c.is_set() for c in cancels):
+            assert time.monotonic() < deadline, "never cancelled"
+            time.sleep(0.01)
+        raise Cancelled(f"cancelled by the caller ({len(requests)} request(s))")
+
+
+def wait_for(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_withdrawing_a_running_group_stops_it_without_rerunning_or_logging(manifest, caplog):
+    runner = UntilCancelled()
+    batcher = Batcher(runner, Batching(window=0.2, max_batch=8))
+    batcher.start()
+    jobs = submit_all(batcher, [request(manifest, p) for p in ("a", "b")])
+    assert runner.entered.wait(10)
+    assert batcher.running == 2 and batcher.depth == 0
+    batcher.withdraw(jobs[0])
+    time.sleep(0.1)
+    assert not jobs[1].future.done()  # one of two withdrawn: the group runs on
+    batcher.withdraw(jobs[1])
+    for job in jobs:
+        with pytest.raises(TimeoutError):
+            job.future.result(10)
+    wait_for(lambda: batcher.running == 0)
+    quick = batcher.submit(request(manifest, "quick", steps=1), time.monotonic() + 30)
+    assert quick.future.result(10).parameters["prompt"] == "quick"  # the worker went on
+    batcher.close()
+    assert runner.groups == [["a", "b"], ["quick"]]  # not run again one at a time
+    assert not [r for r in caplog.records if r.levelno >= 30], caplog.text  # no warning, no error
+
+
+def test_a_running_job_past_its_deadline_is_cancelled_by_the_worker(manifest):
+    """Nobody withdraws it: its cancel event reads as set once its deadline passes."""
+    runner = UntilCancelled()
+    batcher = Batcher(runner, Batching(window=0.0, max_batch=1))
+    batcher.start()
+    started = time.monotonic()
+    job = batcher.submit(request(manifest, "slow"), started + 0.3)
+    with pytest.raises(TimeoutError):
+        job.future.result(10)
+    assert 0.3 <= time.monotonic() - started < 5 and job.cancel.is_set()
+    batcher.close()
+    assert runner.groups == [["slow"]]
+
+
+def test_a_failing_batch_reruns_only_the_jobs_not_withdrawn(manifest):
+    runner = UntilCancelled(fail="boom")
+    batcher = Batcher(runner, Batching(window=0.2, max_batch=8))
+    batcher.start()
+    jobs = submit_all(batcher, [request(manifest, p, steps=1) for p in ("a", "boom", "b")])
+    assert runner.entered.wait(10)
+    batcher.withdraw(jobs[0])
+    runner.gate.set()
+    with pytest.raises(TimeoutError):
+        jobs[0].future.result(10)
+    with pytest.raises(InputError, match="boom cannot be drawn"):
+        jobs[1].future.result(10)
+    assert jobs[2].future.result(10).parameters["prompt"] == "b"
+    batcher.close()
+    assert runner.groups == [["a", "boom", "b"], ["boom"], ["b"]]  # "a" was not run again

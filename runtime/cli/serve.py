@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
-from artrt.errors import ArtrtError, EngineError, InputError
+from artrt.errors import InputError
 
 from .options import add_memory_options
 
@@ -24,9 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Serve a package as a local HTTP service speaking OpenAI's images API (POST "
         "/v1/images/generations with artrt's own fields: negative_prompt, steps, guidance, switch, sampler, seed), "
         "with GET /v1/models, /health (200 once loaded and warm) and /metrics (Prometheus). Concurrent requests "
-        "with the same size and settings run as one batched engine call. SIGTERM or Ctrl-C drains: queued and "
-        "running requests finish, new ones get 503, then the server exits 0. Needs the 'serve' extra "
-        "(pip install 'artrt[serve]'). See docs/serving.md.",
+        "with the same size and settings run as one batched engine call. A request not answered within --timeout "
+        "gets 504 and its generation stops at its next step (so does one whose client goes away). SIGTERM or "
+        "Ctrl-C drains: queued and running requests finish, new ones get 503, then the server exits 0. Needs the "
+        "'serve' extra (pip install 'artrt[serve]'). See docs/serving.md.",
     )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", "-m", type=Path, help="package directory")
@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "for others of its size and settings to join its batch (default 15)")
     b.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429 (default 64)")
     b.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take from arrival to "
-                   "response; later gets 504 (default 300)")
+                   "response; later gets 504 and its generation is stopped (default 300)")
     b.add_argument("--max-n", type=int, default=8, help="images per request at most (default 8)")
     b.add_argument("--max-pixels", type=int, default=2048 * 2048, help="pixels per image at most (default 2048x2048)")
     b.add_argument("--max-steps", type=int, default=150, help="steps per request at most (default 150)")
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
     from artrt.runtime.package import read_manifest
     from artrt.runtime.serve.batching import Batching
     from artrt.runtime.serve.limits import Limits
-    from artrt.runtime.serve.server import serve
+    from artrt.runtime.serve.server import bind, serve
     from artrt.runtime.serve.service import ImageService
 
     check_int("--port", args.port, 0, 65535)
@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> None:
     batching = Batching(window=args.batch_window_ms / 1000, max_batch=args.max_batch)
     package, model_id, verify = _package(args)
     manifest = read_manifest(package, verify_hashes=False)  # a bad path fails here, before the server starts
+    sockets = bind(args.host, args.port)  # so does a port in use, before the model loads
 
     def load():  # type: ignore[no-untyped-def]
         from artrt.runtime.pipeline import Pipeline
@@ -80,16 +81,11 @@ def run(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("warning: listening on %s: other machines can reach this server%s", args.host,
                     "" if args.api_key else "; set --api-key or $" + API_KEY_ENV)
-    server = serve(service, args.host, args.port, args.api_key, quiet=getattr(args, "quiet", False))
+    server = serve(service, args.host, args.port, args.api_key, quiet=getattr(args, "quiet", False), sockets=sockets)
     if service.problem is not None:
-        problem = service.problem
-        raise problem if isinstance(problem, ArtrtError) else EngineError(f"loading failed: {problem!r}")
-    if server.force_exit and not server.drained:
-        # The worker may be inside an engine call, which cannot be interrupted: end the process
-        # without waiting for it (an interpreter exit would abort on the running native thread).
-        print("artrt: error: stopped before every queued request was answered", file=sys.stderr, flush=True)
-        os._exit(1)
-    log.info("drained and stopped")
+        raise service.problem  # one line: loading or the warm-up generation failed
+    if server.drained:
+        log.info("drained and stopped")
 
 
 def _package(args: argparse.Namespace) -> tuple[Path, str, bool]:

@@ -4,7 +4,8 @@ prometheus-client).
 It speaks OpenAI's ``POST /v1/images/generations`` (plus artrt's own fields), batches concurrent
 requests that share shape and settings into one engine call
 (``Pipeline.generate_many(batch=True)``), bounds its queue, request sizes and
-time per request, and drains on SIGTERM. Modules, one job each:
+time per request (stopping a request past its deadline at its next step), and drains on SIGTERM.
+Modules, one job each:
 
 - ``protocol``: the request body into checked generation arguments; responses and error bodies.
 - ``limits``: the server's limits on a request (n, pixels, steps, body, queue, deadline).

@@ -1,8 +1,10 @@
 """The Starlette application: OpenAI's images and models routes, health, metrics, auth, body limit.
 
-Every error is OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad input,
-401 missing or wrong key (where a key is set), 404 another model, 413 body too large, 429 queue
-full (with Retry-After), 503 loading or draining, 504 past the deadline, 500 an engine failure.
+Every error is OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with a message of
+one line: 400 bad input, 401 missing or wrong key (where a key is set), 404 another model or no such
+route, 405 a method the route does not take, 413 body too large, 429 queue full (with Retry-After),
+503 loading or draining, 504 past the deadline, 500 an engine failure. A request answered 504, or
+whose client goes away, is withdrawn: the engine call running it stops at its next step.
 ``/health`` and ``/metrics`` take no key; the ``/v1`` routes do.
 """
 
@@ -13,12 +15,13 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -28,7 +31,8 @@ from artrt.errors import ArtrtError, InputError
 from ..images import encode_png
 from ..pipeline import GenerationResult
 from ..video import encode_webp
-from .protocol import Field, ImageRequest, error_body, images_response, parse_generation
+from .batching import Batcher, Job
+from .protocol import Field, ImageRequest, error_body, images_response, one_line, parse_generation
 from .service import DRAINING, FAILED, READY, ImageService
 
 log = logging.getLogger("artrt")
@@ -50,7 +54,8 @@ def create_app(service: ImageService, api_key: str | None = None) -> Starlette:
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    handlers = {HTTPException: _http_error, Exception: _internal_error}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
 
 
 class ImagesApi:
@@ -67,7 +72,7 @@ class ImagesApi:
             admitted = await self._admit(request)
             if isinstance(admitted, Response):
                 return self._counted(admitted, started)
-            response = await self._answer(admitted, started + self.service.limits.timeout)
+            response = await self._answer(request, admitted, started + self.service.limits.timeout)
             return self._counted(response, started)
 
     async def models(self, request: Request) -> Response:
@@ -77,11 +82,13 @@ class ImagesApi:
         return JSONResponse({"object": "list", "data": [_model_card(self.service)]})
 
     async def health(self, request: Request) -> Response:
-        """``GET /health``: 200 once loaded and warm, else 503 with the state."""
+        """``GET /health``: 200 once loaded and warm, else 503 with the state; the requests the worker
+        runs now and those waiting for it."""
         service = self.service
-        body: dict[str, Any] = {"status": service.state, "model": service.model_id}
+        body: dict[str, Any] = {"status": service.state, "model": service.model_id, "running": service.running,
+                                "queued": service.queued}
         if service.state == FAILED:
-            body["error"] = str(service.problem)
+            body["error"] = one_line(str(service.problem))
         return JSONResponse(body, 200 if service.state == READY else 503)
 
     async def metrics(self, request: Request) -> Response:
@@ -113,22 +120,39 @@ class ImagesApi:
         except InputError as exc:
             return _error(400, str(exc), "invalid_request_error", field.name, "invalid_value")
 
-    async def _answer(self, image_request: ImageRequest, deadline: float) -> Response:
-        """Queue the request and wait for its images until ``deadline`` (monotonic seconds)."""
+    async def _answer(self, request: Request, image_request: ImageRequest, deadline: float) -> Response:
+        """Queue the request and wait for its images until ``deadline`` (monotonic seconds); withdraw it
+        (stopping its engine call) when the deadline passes or the client goes away."""
         service = self.service
         job = service.submit(image_request, deadline)
-        if job is None:
-            if service.state != READY or service.batcher is None:
+        batcher = service.batcher
+        if job is None or batcher is None:
+            if service.state != READY or batcher is None:
                 return self._unavailable()
-            retry = service.batcher.retry_after()
+            retry = batcher.retry_after()
             return _error(429, f"the queue is full ({service.limits.max_queue} requests); retry in {retry} s",
                           "rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
+        answer = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(job.future), deadline - time.monotonic())
-        except (TimeoutError, asyncio.TimeoutError):
-            service.batcher.withdraw(job)
-            return _error(504, f"the request took longer than this server's limit of {service.limits.timeout:g} s",
-                          "timeout", code="deadline_exceeded")
+            done, _ = await asyncio.wait({answer, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (a forced shutdown): the worker need not run it on
+            _give_up(batcher, job, answer)
+            raise
+        finally:
+            gone.cancel()
+        if answer not in done:
+            _give_up(batcher, job, answer)
+            if gone in done:
+                log.info("a client went away before its answer; its request is withdrawn")
+                return _error(499, "the client closed the connection before the answer", "invalid_request_error",
+                              code="client_closed")
+            return self._deadline_exceeded()
+        try:
+            result = answer.result()
+        except TimeoutError:  # the worker found it past its deadline
+            return self._deadline_exceeded()
         except InputError as exc:
             return _error(400, str(exc), "invalid_request_error", code="invalid_value")
         except ArtrtError as exc:
@@ -139,6 +163,10 @@ class ImagesApi:
             service.metrics.queue_seconds.observe(job.started - job.arrived)
         pngs = await run_in_threadpool(_encode, result)
         return JSONResponse(images_response(int(time.time()), pngs))
+
+    def _deadline_exceeded(self) -> Response:
+        return _error(504, f"the request took longer than this server's limit of {self.service.limits.timeout:g} s",
+                      "timeout", code="deadline_exceeded")
 
     def _unauthorized(self, request: Request) -> Response | None:
         if self.api_key is None:
@@ -167,9 +195,46 @@ class ImagesApi:
 
 
 def _error(status: int, message: str, type: str, param: str | None = None, code: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    """An error response in OpenAI's shape."""
+           headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An error response in OpenAI's shape (its message on one line)."""
     return JSONResponse(error_body(message, type, param, code), status, headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route: 404, a method the route does not take: 405) in OpenAI's shape."""
+    assert isinstance(exc, HTTPException)
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        message, code = f"no such route: {where}", "not_found"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message, code = f"method not allowed: {where}" + (f"; this route takes {allowed}" if allowed else ""), (
+            "method_not_allowed")
+    else:
+        message, code = f"{exc.detail} ({where})", None
+    return _error(exc.status_code, message, "invalid_request_error" if exc.status_code < 500 else "server_error",
+                  code=code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """A bug in a route (Starlette logs its traceback) in OpenAI's shape, not plain text."""
+    return _error(500, f"internal error: {exc!r}", "server_error", code="internal_error")
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has closed the connection (the body already read: the next ASGI message
+    is ``http.disconnect``); never, if the server cannot tell."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # not this server's to judge: keep waiting for the answer
+        await asyncio.Future()
+
+
+def _give_up(batcher: Batcher, job: Job, answer: asyncio.Future[Any]) -> None:
+    """Withdraw ``job``: out of the queue, or its engine call stopped at its next step."""
+    batcher.withdraw(job)
+    answer.cancel()
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:

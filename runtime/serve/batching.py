@@ -6,6 +6,11 @@ images. When it finds the queue short of a full batch, it waits until ``window``
 the oldest request arrived for more to join; under load the queue fills while the worker is busy,
 so batches form without waiting. ``max_batch=1`` runs every request alone, in arrival order.
 A group that fails is run again one request at a time, so one bad request fails only itself.
+
+Every job has a cancel event, passed to the pipeline (``generate_many``'s ``cancel``): it is set when
+the caller gives up (:meth:`Batcher.withdraw`: past the deadline, or the client went away) and reads
+as set once the job's deadline has passed. A running group stops at its next step once every job of
+it is cancelled; its jobs then fail with :class:`TimeoutError` (504), and nothing is run again.
 """
 
 from __future__ import annotations
@@ -18,15 +23,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from artrt.errors import ArtrtError
+from artrt.errors import ArtrtError, Cancelled
 
 from ..checks import check_float, check_int
 from ..pipeline import GenerationResult
-from .protocol import ImageRequest
+from .protocol import ImageRequest, one_line
 
 log = logging.getLogger(__name__)
 
-Runner = Callable[[Sequence[ImageRequest]], list[GenerationResult]]
+# The requests of one key and, for each, its cancel event (pass it on as generate_many's "cancel").
+Runner = Callable[[Sequence[ImageRequest], Sequence[threading.Event]], list[GenerationResult]]
 
 
 @dataclass(frozen=True)
@@ -42,15 +48,35 @@ class Batching:
         check_int("max_batch", self.max_batch, 1)
 
 
+class CancelEvent(threading.Event):
+    """A job's cancel event: set by :meth:`Batcher.withdraw` when the caller gives up, and by itself
+    when read after ``deadline`` (``time.monotonic()``), so a job whose deadline passes while it runs
+    stops at the pipeline's next check even if no one withdrew it."""
+
+    def __init__(self, deadline: float) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def is_set(self) -> bool:
+        if not super().is_set() and time.monotonic() > self.deadline:
+            self.set()
+        return super().is_set()
+
+
 @dataclass(eq=False)
 class Job:
-    """One queued request, its deadline (``time.monotonic()``) and the future of its result."""
+    """One queued request, its deadline (``time.monotonic()``), the future of its result and its
+    cancel event (set once it is withdrawn or past its deadline)."""
 
     request: ImageRequest
     deadline: float
     arrived: float = field(default_factory=time.monotonic)
     future: Future[GenerationResult] = field(default_factory=Future)
     started: float | None = None  # when the worker took it
+    cancel: CancelEvent = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cancel = CancelEvent(self.deadline)
 
     @property
     def images(self) -> int:
@@ -60,8 +86,9 @@ class Job:
 class Batcher:
     """Queue requests (:meth:`submit`) and run them in groups on one worker thread.
 
-    ``run`` gets requests of one key and returns their results in order; it is only ever called
-    from the worker thread, so it may own state that is not thread-safe (the engines).
+    ``run`` gets requests of one key and their cancel events and returns their results in order
+    (raising :class:`~artrt.errors.Cancelled` once every event is set, as ``generate_many`` does); it
+    is only ever called from the worker thread, so it may own state that is not thread-safe (the engines).
     """
 
     def __init__(self, run: Runner, batching: Batching | None = None, max_queue: int = 64) -> None:
@@ -72,7 +99,7 @@ class Batcher:
         self._pending: list[Job] = []
         self._cond = threading.Condition()
         self._closing = False
-        self._busy = False
+        self._running: list[Job] = []  # the jobs of the group the worker runs, until each is answered
         self._seconds_per_image = 0.0  # moving average, for Retry-After
         self._worker = threading.Thread(target=self._work, name="artrt-serve-worker", daemon=True)
 
@@ -83,6 +110,11 @@ class Batcher:
     def depth(self) -> int:
         """Requests waiting for the worker (not counting the group it runs)."""
         return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        """Requests the worker is running now (its current group, less those already answered)."""
+        return len(self._running)
 
     @property
     def closed(self) -> bool:
@@ -99,7 +131,10 @@ class Batcher:
             return job
 
     def withdraw(self, job: Job) -> None:
-        """Take a job its caller gave up on (past its deadline) out of the queue, if still there."""
+        """Give up on a job (past its deadline, or its client went away): take it out of the queue if it
+        is still there, else set its cancel event, so that the engine call running it stops at its next
+        step (once every request of that call is withdrawn) and the worker moves on."""
+        job.cancel.set()
         with self._cond:
             if job in self._pending:
                 self._pending.remove(job)
@@ -162,36 +197,68 @@ class Batcher:
         for job in group:
             if not job.future.set_running_or_notify_cancel():
                 continue  # its caller gave up
-            if now > job.deadline:
+            if job.cancel.is_set():
                 job.future.set_exception(TimeoutError("the request's deadline passed while it waited"))
                 continue
             job.started = now
             live.append(job)
         if not live:
             return
+        with self._cond:
+            self._running = list(live)
         try:
-            results = self.run([job.request for job in live])
+            self._run_live(live, now)
+        finally:
+            with self._cond:
+                self._running = []
+
+    def _run_live(self, live: list[Job], started: float) -> None:
+        try:
+            results = self.run([job.request for job in live], [job.cancel for job in live])
+        except Cancelled:  # every job was withdrawn or is past its deadline: answered, none run again
+            log.info("stopped %d request(s): past the deadline, or the client went away", len(live))
+            for job in live:
+                self._run_group_of_one(job)  # answers a cancelled job without running it
+            return
         except Exception as exc:
             if len(live) == 1:
-                _fail(live[0], exc)
+                self._finish(live[0], error=exc)
                 return
-            log.warning("a batch of %d requests failed (%s); running them one at a time", len(live), exc)
+            log.warning("a batch of %d requests failed (%s); running them one at a time", len(live),
+                        one_line(str(exc)))
             for job in live:
-                self._run_group_of_one(job)
+                self._run_group_of_one(job)  # but not those withdrawn or past their deadline meanwhile
             return
         for job, result in zip(live, results):
-            job.future.set_result(result)
-        self._note(time.monotonic() - now, sum(job.images for job in live))
+            self._finish(job, result)
+        self._note(time.monotonic() - started, sum(job.images for job in live))
 
     def _run_group_of_one(self, job: Job) -> None:
+        if job.cancel.is_set():  # withdrawn or past its deadline: not run again
+            self._finish(job, error=_stopped())
+            return
         started = time.monotonic()
         try:
-            result = self.run([job.request])[0]
+            result = self.run([job.request], [job.cancel])[0]
         except Exception as exc:
-            _fail(job, exc)
+            self._finish(job, error=exc)
             return
-        job.future.set_result(result)
+        self._finish(job, result)
         self._note(time.monotonic() - started, job.images)
+
+    def _finish(self, job: Job, result: GenerationResult | None = None, error: Exception | None = None) -> None:
+        """Answer a running job: its result, or its error (a stop for a cancelled job; a bug is logged)."""
+        with self._cond:
+            if job in self._running:
+                self._running.remove(job)
+        if error is None:
+            job.future.set_result(result)  # type: ignore[arg-type]
+            return
+        if isinstance(error, Cancelled):
+            error = _stopped()
+        elif not isinstance(error, (ArtrtError, TimeoutError)):
+            log.error("a request failed: %r", error, exc_info=error)
+        job.future.set_exception(error)
 
     def _note(self, seconds: float, images: int) -> None:
         per_image = seconds / max(images, 1)
@@ -199,7 +266,5 @@ class Batcher:
             0.8 * self._seconds_per_image + 0.2 * per_image)
 
 
-def _fail(job: Job, exc: Exception) -> None:
-    if not isinstance(exc, (ArtrtError, TimeoutError)):
-        log.error("a request failed: %r", exc, exc_info=exc)
-    job.future.set_exception(exc)
+def _stopped() -> TimeoutError:
+    return TimeoutError("the request was stopped: past its deadline, or its client went away")

@@ -13,11 +13,13 @@ IMAGES = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Metrics:
-    """Queue depth, latency per request and per stage, batch sizes, images, errors by type."""
+    """Queue depth, requests running, latency per request and per stage, batch sizes, images, errors by type."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.queue_depth = Gauge("artrt_queue_depth", "Requests waiting for the worker", registry=r)
+        self.running = Gauge("artrt_requests_running", "Requests the worker is running now (a request it runs "
+                             "on after its answer, e.g. a 504, until its engine call stops, counts)", registry=r)
         self.in_flight = Gauge("artrt_requests_in_flight", "Image requests received and not yet answered",
                                registry=r)
         self.requests = Counter("artrt_requests", "Image requests answered, by HTTP status", ["status"], registry=r)
@@ -32,9 +34,11 @@ class Metrics:
         self.images = Counter("artrt_images", "Images generated", registry=r)
         self.errors = Counter("artrt_errors", "Image requests refused or failed, by error type", ["type"], registry=r)
 
-    def watch_queue(self, depth: Callable[[], int]) -> None:
-        """Read the queue depth from ``depth()`` at every scrape."""
+    def watch_queue(self, depth: Callable[[], int], running: Callable[[], int] | None = None) -> None:
+        """Read the queue depth from ``depth()`` and the requests running from ``running()`` at every scrape."""
         self.queue_depth.set_function(depth)
+        if running is not None:
+            self.running.set_function(running)
 
     def observe_results(self, results: Sequence[GenerationResult]) -> None:
         """The results of one group of requests, in order; the requests merged into one engine batch

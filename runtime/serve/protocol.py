@@ -26,6 +26,7 @@ ARTRT_FIELDS = ("negative_prompt", "steps", "guidance", "switch", "sampler", "se
 OPENAI_FIELDS = ("prompt", "model", "n", "size", "response_format", "output_format")
 IGNORED_FIELDS = ("user", "quality", "style")  # OpenAI's, meaningless here: accepted and ignored
 _SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
+MAX_MESSAGE = 600  # characters of an error message (ONNX Runtime's may run to pages)
 
 BatchKey = tuple[Any, ...]
 
@@ -133,5 +134,12 @@ def images_response(created: int, pngs: list[bytes]) -> dict[str, Any]:
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``, the message on one line."""
+    return {"error": {"message": one_line(message), "type": type, "param": param, "code": code}}
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message`` on one line (every run of whitespace, newlines included, one space) and at most
+    ``limit`` characters, its end replaced by ``...`` when longer."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
