@@ -88,6 +88,21 @@ def check_frames(value: Any, m: Manifest) -> int:
     return frames
 
 
+def check_latent_limit(m: Manifest, height: int, width: int, num_frames: int = 1) -> None:
+    """Refuse sizes and frame counts beyond what the package's experts can position
+    (:attr:`Manifest.max_latent`: Wan's rotary tables), naming the largest that works."""
+    if m.max_latent is None:
+        return
+    frames, most_height, most_width = m.max_latent
+    s = m.latent_scale
+    if height > most_height * s or width > most_width * s:
+        raise InputError(f"{width}x{height} is larger than this package's transformers can place: "
+                         f"width and height must be <= {most_width * s}x{most_height * s}")
+    if is_flow(m) and latent_frames(num_frames) > frames:
+        raise InputError(f"num_frames {num_frames} is more than this package's transformers can place: "
+                         f"at most {(frames - 1) * FRAMES_PER_CHUNK + 1}")
+
+
 def parse_sampler(family: str, name: Any) -> Sampler | FlowSampler:
     """A sampler name of package family ``family``: flow samplers for Wan, the others for UNet pairs."""
     return (FlowSampler if family == WAN_FAMILY else Sampler).parse(name)
@@ -140,22 +155,8 @@ class GenerationArguments:
             num_images=check_int("num_images", num_images, 1),
             num_frames=check_frames(num_frames, m),
         )
-        args.check_latent_limit(m)
+        check_latent_limit(m, args.height, args.width, args.num_frames)
         return args
-
-    def check_latent_limit(self, m: Manifest) -> None:
-        """Refuse sizes and frame counts beyond what the package's experts can position
-        (:attr:`Manifest.max_latent`: Wan's rotary tables), naming the largest that works."""
-        if m.max_latent is None:
-            return
-        frames, height, width = m.max_latent
-        s = m.latent_scale
-        if self.height > height * s or self.width > width * s:
-            raise InputError(f"{self.width}x{self.height} is larger than this package's transformers can place: "
-                             f"width and height must be <= {width * s}x{height * s}")
-        if is_flow(m) and latent_frames(self.num_frames) > frames:
-            raise InputError(f"num_frames {self.num_frames} is more than this package's transformers can place: "
-                             f"at most {(frames - 1) * 4 + 1}")
 
     def check_memory(self, m: Manifest, device: str = "cpu") -> None:
         """Refuse (:class:`InputError`) a request whose estimated memory this machine does not have

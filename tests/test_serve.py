@@ -488,3 +488,25 @@ def test_one_line():
     long = one_line("word " * 1000)
     assert len(long) == 600 and long.endswith("...")
     assert error_body("x\ny", "server_error")["error"]["message"] == "x y"
+
+
+def test_sizes_past_the_transformers_reach_are_400_on_size_and_attention_counts_on_the_cpu():
+    """A package with ``max_latent`` (Wan's RoPE reach) refuses larger sizes under ``size``; the
+    memory estimate counts attention scores only where the engines run on the CPU."""
+    import dataclasses
+
+    from artrt.demo.cache import shipped_package
+    from artrt.errors import InputError
+    from artrt.runtime.package import read_manifest
+    from artrt.runtime.serve.protocol import Field, parse_generation
+
+    demo = read_manifest(shipped_package())
+    limited = dataclasses.replace(demo, max_latent=(1, 32, 32))
+    field = Field()
+    with pytest.raises(InputError, match=r"^64x32 is larger than this package's transformers can place"):
+        parse_generation({"prompt": "x", "size": "64x32"}, limited, Limits(), field)
+    assert field.name == "size"
+    big = {"prompt": "x", "size": "1024x1024"}  # 512 GiB of attention scores on the CPU (docs/requests.md)
+    with pytest.raises(InputError, match=r"attention 512\.0"):
+        parse_generation(big, demo, Limits(), Field())
+    assert parse_generation(big, demo, Limits(), Field(), device="cuda").args.width == 1024

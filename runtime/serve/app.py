@@ -116,7 +116,7 @@ class ImagesApi:
                           f"{service.model_id!r}", "invalid_request_error", "model", "model_not_found")
         field = Field()
         try:
-            return parse_generation(data, service.manifest, service.limits, field)
+            return parse_generation(data, service.manifest, service.limits, field, service.device)
         except InputError as exc:
             return _error(400, str(exc), "invalid_request_error", field.name, "invalid_value")
 

@@ -17,7 +17,14 @@ from typing import Any
 
 from artrt.errors import InputError
 
-from ..arguments import GenerationArguments, check_frames, check_guidance, check_seed, check_side
+from ..arguments import (
+    GenerationArguments,
+    check_frames,
+    check_guidance,
+    check_latent_limit,
+    check_seed,
+    check_side,
+)
 from ..checks import check_int, check_steps, check_switch
 from ..package import Manifest
 from .limits import Limits
@@ -64,11 +71,13 @@ class Field:
         self.name = name
 
 
-def parse_generation(body: Any, manifest: Manifest, limits: Limits, field: Field) -> ImageRequest:
+def parse_generation(body: Any, manifest: Manifest, limits: Limits, field: Field,
+                     device: str = "cpu") -> ImageRequest:
     """Check the JSON body of an image request against the package and the server's limits.
 
     Raises :class:`InputError` with one line; ``field.name`` is then the offending field (None when
-    the request as a whole is refused, e.g. it would not fit in memory).
+    the request as a whole is refused, e.g. it would not fit in memory). ``device``: where the
+    engines run (``cpu`` counts attention scores in the memory estimate).
     """
     if not isinstance(body, Mapping):
         raise InputError(f"the body must be a JSON object, got {type(body).__name__}")
@@ -107,6 +116,8 @@ def parse_generation(body: Any, manifest: Manifest, limits: Limits, field: Field
     seed = check_seed(get("seed"))
     field.at("num_frames")
     frames = check_frames(1 if get("num_frames") is None else get("num_frames"), manifest)
+    field.at("size" if get("num_frames") is None else "num_frames")
+    check_latent_limit(manifest, height, width, frames)
     field.at("negative_prompt")
     if get("negative_prompt") is not None and not isinstance(get("negative_prompt"), str):
         raise InputError(f"negative_prompt must be a string, got {type(get('negative_prompt')).__name__}")
@@ -114,7 +125,7 @@ def parse_generation(body: Any, manifest: Manifest, limits: Limits, field: Field
     args = GenerationArguments.check(manifest, get("prompt"), get("negative_prompt"), steps, get("guidance"),
                                      get("switch"), get("sampler"), seed, height, width, n, frames)
     field.at(None)
-    args.check_memory(manifest)
+    args.check_memory(manifest, device)
     return ImageRequest(args)
 
 

@@ -48,6 +48,12 @@ class ImageService:
         self._pipe: Pipeline | None = None
         self._lock = threading.Lock()
 
+    @property
+    def device(self) -> str:
+        """Where the engines run: ``cpu`` or ``cuda`` (``cpu`` until they are loaded)."""
+        pipe = self._pipe
+        return pipe.device if pipe is not None else "cpu"
+
     def start(self) -> None:
         """Load and warm up in a background thread; :attr:`state` becomes ``ready`` (or ``failed``)."""
         threading.Thread(target=self._start, name="artrt-serve-load", daemon=True).start()
