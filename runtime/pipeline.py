@@ -303,7 +303,8 @@ class Pipeline:
         rng = np.random.default_rng(args.seed)  # initial noise, then (ancestral samplers) step noise
         initial = _initial_latents(latents, args.latent_shape(self.manifest), rng)
         tick = time.perf_counter()
-        ids = {name: tok([args.negative_prompt, args.prompt]) for name, tok in self.tokenizers.items()}
+        warned: set[str] = set()  # one truncation warning per prompt, whichever text encoders cut it
+        ids = {name: tok([args.negative_prompt, args.prompt], warned) for name, tok in self.tokenizers.items()}
         return _Request(args, rng, initial, ids, {"tokenize": time.perf_counter() - tick}, started, cancel=cancel)
 
     def _run(self, requests: list[_Request], batch: bool = False) -> list[GenerationResult]:

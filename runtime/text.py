@@ -5,8 +5,6 @@ from __future__ import annotations
 import html
 import logging
 import re
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -26,24 +24,6 @@ def clean_prompt(text: str) -> str:
 
 CLEANERS = {"wan": clean_prompt}  # TokenizerInfo.clean -> what the pipeline does to a prompt first
 CUT_SHOWN = 60  # characters of the cut-off text a truncation warning quotes
-
-# Cut-off texts recently warned about -> ids of the tokenizers that cut them since: a package's
-# tokenizers each see every prompt (SDXL has two), so the first to cut a text warns and the others
-# keep quiet until a tokenizer cuts it again (the next generation).
-_warned: OrderedDict[tuple[int, str], set[int]] = OrderedDict()
-_warned_lock = threading.Lock()
-
-
-def _first_to_cut(tokenizer: object, key: tuple[int, str]) -> bool:
-    """Whether ``tokenizer`` cutting ``key`` (max length, cut text) starts a new round of warnings."""
-    with _warned_lock:
-        seen = _warned.pop(key, None)
-        first = seen is None or id(tokenizer) in seen
-        _warned[key] = {id(tokenizer)} if first else seen | {id(tokenizer)}
-        while len(_warned) > 64:
-            _warned.popitem(last=False)
-        return first
-
 
 def _shorten(text: str, limit: int = CUT_SHOWN) -> str:
     return text if len(text) <= limit else text[:limit].rstrip() + "…"
@@ -67,8 +47,12 @@ class PromptTokenizer:
                                f"{', '.join(CLEANERS)}); update artrt or re-export")
         self._clean = CLEANERS[info.clean] if info.clean else None
 
-    def __call__(self, prompts: list[str]) -> np.ndarray:
+    def __call__(self, prompts: list[str], warned: set[str] | None = None) -> np.ndarray:
         """Token ids of shape ``[len(prompts), max_length]`` (int64).
+
+        A prompt longer than ``max_length`` tokens is cut, with a warning quoting what was cut;
+        ``warned``: texts already warned about (shared by a package's tokenizers, so a prompt gets
+        one warning however many text encoders cut it), added to.
 
         Prompts are encoded one by one: ``encode_batch`` hands even two short prompts to
         the tokenizers thread pool, which then competes with ONNX Runtime's spinning
@@ -77,14 +61,12 @@ class PromptTokenizer:
         if self._clean is not None:
             prompts = [self._clean(p) for p in prompts]
         encodings = [self._tokenizer.encode(p) for p in prompts]
-        cut: set[tuple[int, str]] = set()  # one warning per text, also when prompt and negative prompt match
+        warned = set() if warned is None else warned
         for prompt, encoding in zip(prompts, encodings):
-            if encoding.overflowing:
+            if encoding.overflowing and prompt not in warned:
+                warned.add(prompt)  # also when the prompt and the negative prompt are the same text
                 kept = max(end for _, end in encoding.offsets)  # offsets index the prompt; specials are (0, 0)
                 dropped = prompt[kept:].strip()
-                key = (self.max_length, dropped)
-                if key not in cut and _first_to_cut(self, key):
-                    log.warning("warning: a prompt is longer than the %d tokens its text encoder takes; %d "
-                                "characters were cut off: %r", self.max_length, len(dropped), _shorten(dropped))
-                cut.add(key)
+                log.warning("warning: a prompt is longer than the %d tokens its text encoder takes; %d "
+                            "characters were cut off: %r", self.max_length, len(dropped), _shorten(dropped))
         return np.array([e.ids for e in encodings], dtype=np.int64)

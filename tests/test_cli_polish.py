@@ -125,13 +125,15 @@ def test_long_prompt_warns_once_per_generation_with_a_short_quote(caplog):
         return found
 
     with caplog.at_level(logging.WARNING, logger="artrt"):
-        first(["", prompt])
-        second(["", prompt])
+        warned: set[str] = set()  # one generation: its tokenizers share the texts warned about
+        first(["", prompt], warned)
+        second(["", prompt], warned)
         once = warnings()
         assert len(once) == 1, once
         assert "…" in once[0] and len(once[0]) < 200 and "characters were cut off" in once[0]
-        first([prompt, prompt])  # the next generation (its negative prompt the same text) warns again, once
-        second([prompt, prompt])
+        warned = set()  # the next generation (its negative prompt the same text) warns again, once
+        first([prompt, prompt], warned)
+        second([prompt, prompt], warned)
         assert len(warnings()) == 1
         first(["", "short"])
         second(["", "short"])
