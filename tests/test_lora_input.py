@@ -169,7 +169,7 @@ def test_cli_generate_and_sample_record_loras(capsys, package, lora_files, tmp_p
     assert json.loads((tmp_path / "set" / "run.json").read_text())["loras"][0]["scale"] == 0.5
     capsys.readouterr()
     assert main(job) == 1  # the set was made with the LoRA: resuming without it is another job
-    assert "with loras [{" in capsys.readouterr().err
+    assert "with LoRAs base.safetensors:0.5@composition, this job asks for no LoRAs" in capsys.readouterr().err
 
     assert main(["generate", "x", "--model", str(package), "-o", str(out), "--lora", "a.safetensors:big"]) == 1
     err = capsys.readouterr().err
