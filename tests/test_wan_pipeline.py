@@ -154,6 +154,13 @@ def test_package_manifest(wan_package):
     assert m.components["vae_decoder_chunk"].attention == Attention(heads=1, stride=1, frames=False)
 
 
+def test_info_shows_the_limits(wan_package, capsys):
+    from artrt.runtime.cli import main
+
+    assert main(["info", str(wan_package), "--no-verify"]) == 0
+    assert "limits    at most 512x512 px, 125 frames" in capsys.readouterr().out
+
+
 def test_sizes_and_frames_past_the_position_tables_are_one_line(runtime):
     """Past rope_max_seq_len the transformer cannot run (ONNX Runtime fails in a Reshape, diffusers
     too): refused before any work, naming the limit; the default size runs."""

@@ -31,8 +31,12 @@ def run(args: argparse.Namespace) -> None:
         f"size {d.width}x{d.height} (multiple of {m.size_multiple})",
         f"schedule  {m.schedule}",
         f"runs on   {_targets(m)}",
-        "experts:",
     ]
+    if m.max_latent is not None:  # the experts' position tables (Wan's RoPE) bound sizes and frames
+        frames, height, width = m.max_latent
+        lines.append(f"limits    at most {width * m.latent_scale}x{height * m.latent_scale} px, "
+                     f"{(frames - 1) * 4 + 1} frames")
+    lines.append("experts:")
     lines += [f"  {e.name:<12} {e.component}  text: {', '.join(e.conditioning.text_encoders)}"
               + (f"  time ids: {e.conditioning.time_ids}" if e.conditioning.time_ids else "") for e in m.experts]
     lines.append("components:")
