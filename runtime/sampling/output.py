@@ -60,6 +60,9 @@ class OutputDir:
         """Create the folders; ``overwrite`` deletes what an earlier run wrote (nothing else)."""
         if self.root.exists() and not self.root.is_dir():
             raise InputError(f"--out {self.root} exists and is not a directory")
+        if self.root.is_dir() and not self.run_file.exists() and self._foreign_entries():
+            raise InputError(f"--out {self.root} holds files but no artrt sample run ({RUN}); artrt sample writes "
+                             "only into a new or empty directory or one of its own runs: choose another --out")
         try:
             self.images.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -75,6 +78,13 @@ class OutputDir:
                     image.unlink()
             self.metadata.unlink(missing_ok=True)
             self.run_file.unlink(missing_ok=True)
+
+    def _foreign_entries(self) -> list[str]:
+        """What a directory without ``run.json`` holds besides what a run leaves before writing it
+        (its lock file and an ``images`` folder with only temporary files)."""
+        entries = [p for p in self.root.iterdir() if p.name != LOCK]
+        return [p.name for p in entries
+                if not (p == self.images and p.is_dir() and all(f.name.endswith(".tmp") for f in p.iterdir()))]
 
     def _lock(self) -> None:
         """Hold an exclusive lock on ``OUT/.lock`` until :meth:`close`: one job per directory."""
