@@ -184,6 +184,11 @@ def _dpm_grid(config: ScheduleConfig, n: int) -> _Grid:
             t = _spaced_timesteps(config, n + 1, round_linspace=True)[:-1]
         sigma = np.interp(t, np.arange(len(train)), train)
     sigmas = float32_values(np.append(sigma, 0.0))
+    T = config.num_train_timesteps
+    if t.max() > T - 1 or np.any(np.diff(sigmas) >= 0):  # DPM-Solver divides by log(σ/σ'): no repeats
+        what = f"reach timestep {t.max():.0f} (the model has {T})" if t.max() > T - 1 else "repeat timesteps"
+        raise InputError(f"{n} dpmpp_2m steps with timestep_spacing={config.timestep_spacing.value} and "
+                         f"steps_offset={config.steps_offset} {what}: use fewer steps")
     return _Grid(t, sigmas[:-1], sigmas[1:], 1.0)
 
 

@@ -234,3 +234,21 @@ def test_ddim_timesteps_past_the_schedule_are_refused():
 def test_unknown_sampler():
     with pytest.raises(InputError, match="unknown sampler 'heun'"):
         plan_steps(ScheduleConfig(), "heun", 10)
+
+
+@pytest.mark.parametrize(("spacing", "offset", "steps", "message"), [
+    ("leading", 1, 999, "999 dpmpp_2m steps with timestep_spacing=leading and steps_offset=1 reach timestep 1000 "
+                        "(the model has 1000): use fewer steps"),
+    ("linspace", 0, 1000, "1000 dpmpp_2m steps with timestep_spacing=linspace and steps_offset=0 repeat timesteps: "
+                          "use fewer steps"),
+])
+def test_dpm_steps_past_the_schedule_are_refused_before_any_nan(spacing, offset, steps, message):
+    """DPM-Solver divides by log(σ/σ'): a repeated or clamped timestep made every latent NaN after a
+    whole run; now one line before any step, and one step fewer still plans finite tables."""
+    config = ScheduleConfig.from_diffusers({"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                                            "beta_schedule": "scaled_linear", "timestep_spacing": spacing,
+                                            "steps_offset": offset})
+    with pytest.raises(InputError) as error:
+        plan_steps(config, Sampler.DPMPP_2M, steps)
+    assert str(error.value) == message
+    assert np.isfinite(plan_steps(config, Sampler.DPMPP_2M, steps - 1).scalars).all()
