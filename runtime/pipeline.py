@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import threading
 import time
@@ -157,6 +158,9 @@ class Pipeline:
             raise InputError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         root = package_root(path)
         manifest = read_manifest(root, verify_hashes=verify_hashes)
+        if vae_tile is not None and (manifest.decoder is None or is_flow(manifest)):
+            what = "draws pixels, it has no VAE decoder" if manifest.decoder is None else "decodes video frame by frame"
+            raise InputError(f"vae_tile (--vae-tiles): tiled decoding is for image VAE decoders; this package {what}")
         backend = choose_backend(backend, manifest)
         log.info("loading %s (%s) on %s", root, manifest.family, backend)
         loras = check_loras(loras)
@@ -281,7 +285,10 @@ class Pipeline:
 
         A request's ``cancel`` (as in :meth:`generate`) stops the call only once every request of it
         is cancelled: :class:`~artrt.errors.Cancelled` is raised and no result is returned."""
-        prepared = [self._prepare(**request) for request in requests]
+        if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Sequence):
+            raise InputError(f"requests must be a list of dicts of generate()'s arguments, "
+                             f"got {type(requests).__name__}")
+        prepared = [self._prepare(**_request_arguments(i, request)) for i, request in enumerate(requests)]
         return self._run(prepared, batch) if prepared else []
 
     def _prepare(
@@ -544,6 +551,19 @@ def _prepare_loras(root: Path, manifest: Manifest, backend: str, files: Mapping[
     names = [n for n, c in manifest.components.items() if c.kind in ("fused_step", "text_encoder")]
     precisions = {n: component_precision(manifest, n, backend) for n in names}
     return prepare_loras(root, manifest, loras, files, precisions)
+
+
+def _request_arguments(index: int, request: Any) -> Mapping[str, Any]:
+    """One request of :meth:`Pipeline.generate_many`: a mapping of :meth:`Pipeline.generate`'s arguments."""
+    if not isinstance(request, Mapping):
+        raise InputError(f"request {index}: a dict of generate()'s arguments is expected, got {type(request).__name__}")
+    known = [p for p in inspect.signature(Pipeline.generate).parameters if p != "self"]
+    unknown = [k for k in request if k not in known]
+    if unknown:
+        raise InputError(f"request {index}: unknown argument {unknown[0]!r} (generate takes {', '.join(known)})")
+    if "prompt" not in request:
+        raise InputError(f"request {index}: prompt is required")
+    return request
 
 
 def _stop_check(requests: Sequence[_Request]) -> Callable[[], None]:

@@ -268,3 +268,9 @@ def test_sample_makes_videos_and_images_like_generate(wan_package, runtime, tmp_
     assert main([*args[:5], str(low), *args[6:], "--memory", "low"]) == 0
     assert {r["id"]: r["sha256"] for r in map(json.loads, (low / "metadata.jsonl").read_text().splitlines())} == \
         {i: r["sha256"] for i, r in records.items()}
+
+
+def test_tiled_decoding_is_refused_for_the_wan_vae(wan_package):
+    with pytest.raises(InputError, match=r"tiled decoding is for image VAE decoders; this package decodes video "
+                                         r"frame by frame$"):
+        Pipeline.load(wan_package, backend="ort-cpu", vae_tile=64)

@@ -85,7 +85,8 @@ def _targets(m: Any) -> str:
     else:
         text = f"cuda ({cuda}); no CPU graphs: ort-cpu cannot run it"
     if m.targets:
-        text += f"  (exported with --targets {','.join(m.targets)} --precision {m.precision})"
+        text += f"  (exported with --targets {','.join(m.targets)} --precision {m.precision}"
+        text += "; GPU backends build from those graphs)" if "cuda" not in m.targets else ")"
     return text
 
 
