@@ -184,6 +184,7 @@ def test_models_and_health(server):
     ({"prompt": "p", "seed": -1}, 400, "seed", ">= 0"),
     ({"prompt": "p", "negative_prompt": 3}, 400, "negative_prompt", "string"),
     ({"prompt": "p", "response_format": "url"}, 400, "response_format", "b64_json"),
+    ({"prompt": "p", "output_format": "jpeg"}, 400, "output_format", "images are PNG"),
     ({"prompt": "p", "num_frames": 5}, 400, "num_frames", "single images"),
     ({"prompt": "p", "stepz": 4}, 400, "stepz", "unknown parameter"),
     ({"n": 1}, 400, "prompt", "required"),

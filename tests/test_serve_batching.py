@@ -141,6 +141,25 @@ def test_batcher_groups_requests_of_one_key_up_to_max_batch(manifest):
     assert runner.groups == [["first"], ["a", "b", "d"], ["other"], ["c"]]
 
 
+def test_a_request_over_max_batch_runs_alone_and_whole(manifest):
+    """--max-batch bounds merging, not one request: n=8 under max_batch=2 is one group of its own
+    (one engine call of 8 images), and the requests after it still merge up to 2 images."""
+    runner = Recorder()
+    runner.gate.clear()
+    batcher = Batcher(runner, Batching(window=0.05, max_batch=2))
+    batcher.start()
+    first = batcher.submit(request(manifest, "first"), time.monotonic() + 30)
+    assert runner.entered.wait(10)
+    jobs = submit_all(batcher, [request(manifest, "big", n=8), request(manifest, "a"), request(manifest, "b"),
+                                request(manifest, "c")])
+    runner.gate.set()
+    for job in [first, *jobs]:
+        job.future.result(10)
+    batcher.close()
+    assert runner.groups == [["first"], ["big"], ["a", "b"], ["c"]]
+    assert jobs[0].images == 8
+
+
 def test_max_batch_1_runs_every_request_alone_in_order(manifest):
     runner = Recorder()
     batcher = Batcher(runner, Batching(window=0.05, max_batch=1))

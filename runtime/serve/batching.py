@@ -2,7 +2,9 @@
 
 The worker takes the oldest waiting request and, with it, every waiting request of the same key
 (:attr:`ImageRequest.key`: size, steps, guidance, switch, sampler, frames) up to ``max_batch``
-images. When it finds the queue short of a full batch, it waits until ``window`` seconds after
+images. ``max_batch`` bounds how many images requests are merged into, not one request: a request
+of more images (``n``, bounded by the server's ``max_n``) runs alone and whole, as one engine call.
+When it finds the queue short of a full batch, it waits until ``window`` seconds after
 the oldest request arrived for more to join; under load the queue fills while the worker is busy,
 so batches form without waiting. ``max_batch=1`` runs every request alone, in arrival order.
 A group that fails is run again one request at a time, so one bad request fails only itself.
@@ -32,19 +34,22 @@ from .protocol import ImageRequest, one_line
 log = logging.getLogger(__name__)
 
 # The requests of one key and, for each, its cancel event (pass it on as generate_many's "cancel").
+MAX_WINDOW = 10.0  # seconds a request may wait for others to join its batch
+
 Runner = Callable[[Sequence[ImageRequest], Sequence[threading.Event]], list[GenerationResult]]
 
 
 @dataclass(frozen=True)
 class Batching:
-    """How requests are grouped: up to ``max_batch`` images, waiting at most ``window`` seconds after
-    the oldest request arrived for others to join (``max_batch=1``: no batching)."""
+    """How requests are grouped: merged up to ``max_batch`` images, waiting at most ``window`` seconds
+    after the oldest request arrived for others to join (``max_batch=1``: no batching). A request of
+    more than ``max_batch`` images is never split: it runs alone, whole."""
 
     window: float = 0.015
     max_batch: int = 8
 
     def __post_init__(self) -> None:
-        check_float("window (seconds)", self.window, 0.0, 10.0)
+        check_float("window (seconds)", self.window, 0.0, MAX_WINDOW)
         check_int("max_batch", self.max_batch, 1)
 
 

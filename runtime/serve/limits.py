@@ -8,6 +8,9 @@ from artrt.errors import InputError
 
 from ..checks import check_float, check_int
 
+MIN_BODY = 256  # bytes: room for a prompt and a few fields
+MIN_TIMEOUT, MAX_TIMEOUT = 0.001, 86400.0  # seconds
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -28,9 +31,9 @@ class Limits:
         check_int("max_n", self.max_n, 1)
         check_int("max_pixels", self.max_pixels, 1)
         check_int("max_steps", self.max_steps, 1)
-        check_int("max_body", self.max_body, 256)
+        check_int("max_body", self.max_body, MIN_BODY)
         check_int("max_queue", self.max_queue, 1)
-        check_float("timeout", self.timeout, 0.001, 86400.0)
+        check_float("timeout", self.timeout, MIN_TIMEOUT, MAX_TIMEOUT)
 
     def check_n(self, n: int) -> None:
         if n > self.max_n:

@@ -2,9 +2,10 @@
 arguments, and the JSON of responses and errors.
 
 The body takes OpenAI's ``prompt``, ``n``, ``size`` (``"WxH"``), ``response_format`` (``b64_json``
-only) and ``model``, and artrt's own ``negative_prompt``, ``steps``, ``guidance``, ``switch``,
-``sampler``, ``seed`` and (video models only) ``num_frames``. Every value goes through the checks of
-:mod:`artrt.runtime.arguments`; an unknown field is refused, so a typo never passes silently.
+only), ``output_format`` (``png`` only) and ``model``, and artrt's own ``negative_prompt``,
+``steps``, ``guidance``, ``switch``, ``sampler``, ``seed`` and (video models only) ``num_frames``.
+Every value goes through the checks of :mod:`artrt.runtime.arguments`; an unknown field is refused,
+so a typo never passes silently.
 """
 
 from __future__ import annotations
