@@ -27,8 +27,10 @@ What the fusions do here (onnxruntime 1.32 optimizer, checked on tiny graphs):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +88,9 @@ def _fuse(src: Path, model_type: str, options: Any) -> Any:
 
     while True:
         try:
-            fused = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-                                   use_gpu=True, optimization_options=options)
+            with _progress_bars(log.isEnabledFor(logging.INFO)):
+                fused = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                                       use_gpu=True, optimization_options=options)
         except Exception as exc:  # the fusions raise assorted errors on graphs they misread
             if not options.enable_attention:
                 raise OptimizeError(f"{src.name}: onnxruntime's {model_type} optimizer failed: {exc}") from None
@@ -101,6 +104,32 @@ def _fuse(src: Path, model_type: str, options: Any) -> Any:
         log.info("%s: not fusing %s: the CUDA kernels do not take sizes %s", src.name, sorted(rejected), rejected)
         for op in rejected:
             setattr(options, SIZE_LIMITED[op][0], False)
+
+
+@contextlib.contextmanager
+def _progress_bars(shown: bool) -> Iterator[None]:
+    """The optimizer's tqdm ``fusion`` bars, hidden unless ``shown`` (``-q``: log level above INFO).
+
+    The optimizer calls ``tqdm.tqdm(...)`` by attribute; ``TQDM_DISABLE`` is read only when tqdm is
+    first imported, so the attribute is swapped for a disabled bar while the optimizer runs."""
+    try:
+        import tqdm
+    except ImportError:  # the optimizer runs without bars
+        shown = True
+    if shown:
+        yield
+        return
+    bar = tqdm.tqdm
+
+    class Hidden(bar):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    tqdm.tqdm = Hidden
+    try:
+        yield
+    finally:
+        tqdm.tqdm = bar
 
 
 def unsupported_sizes(model: Any) -> dict[str, list[str]]:

@@ -105,8 +105,9 @@ def export_package(
     leaves a half-written package behind; a failed one (e.g. a full disk: one
     :class:`OutputError` line) deletes ``out.partial`` and leaves ``out`` as it was. ``out`` is
     checked first (see :func:`check_output_dir`): ``overwrite`` replaces only an artrt package or
-    an empty directory. Models that are :class:`LazyModule` (what ``load_*`` return) are loaded
-    one at a time, so memory is set by the largest component (docs/export-scale.md).
+    an empty directory; a work folder that cannot be made is one :class:`OutputError` line. Models
+    that are :class:`LazyModule` (what ``load_*`` return) are loaded one at a time, so memory is
+    set by the largest component (docs/export-scale.md).
     """
     graphs = check_graphs(targets, precision, fp16_vae)
     out = check_output_dir(out, overwrite)
@@ -115,10 +116,14 @@ def export_package(
         raise InputError("the Wan VAE decoder is exported in fp32 (as Wan runs it): drop --fp16-vae")
     switch, steps = check_switch(switch), check_steps(steps)
     work = _beside(out, ".partial")
-    if work.exists():
-        log.warning("removing %s, left by an interrupted export", work)
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    try:
+        if work.exists():
+            log.warning("removing %s, left by an interrupted export", work)
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+    except OSError as exc:  # e.g. --out /proc/pkg: a parent that looks writable but is not
+        raise OutputError(f"cannot create {exc.filename or work}: {exc.strerror or exc}; "
+                          "choose another --out") from None
     started = time.perf_counter()
     try:
         _check_resources(sources, work, graphs)
@@ -274,11 +279,11 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     if out.exists():
         if not out.is_dir():
             raise InputError(f"{out} is a file, not a package directory; choose another --out")
+        if not _replaceable(out):  # the final answer, with or without --overwrite
+            raise InputError(f"{out} is neither an artrt package ({MANIFEST_NAME}) nor empty, so export will not "
+                             "replace it (not even with --overwrite); choose another --out or empty it yourself")
         if not overwrite:
             raise InputError(f"{out} already exists; pass --overwrite to replace it")
-        if not _replaceable(out):
-            raise InputError(f"{out} is neither an artrt package ({MANIFEST_NAME}) nor empty, so --overwrite "
-                             "will not delete it; choose another --out or empty it yourself")
     parent = out.parent
     while not os.path.lexists(parent):
         parent = parent.parent

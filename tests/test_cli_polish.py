@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import DEMO
+from cli_helpers import error_line as _error
 
 from artrt.errors import EngineError, InputError
 from artrt.runtime.cli import main
@@ -16,17 +18,6 @@ from artrt.runtime.package import read_manifest
 from artrt.runtime.sampling.output import _check_same
 from artrt.runtime.sampling.tasks import ImageTask
 from artrt.runtime.text import PromptTokenizer
-
-DEMO = Path(__file__).resolve().parents[1] / "demo" / "package"
-
-
-def _error(capsys, *argv) -> str:
-    """The one ``artrt: error:`` line of a command that must fail with status 1."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("artrt: error:")]
-    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # -- ONNX Runtime's own log ------------------------------------------------------------------

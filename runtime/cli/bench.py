@@ -12,6 +12,9 @@ Method (also recorded in the JSON under ``method``):
 - Per-step time of an expert = its stage seconds / its number of engine calls. The step
   at the switch = end of the detail expert's first call - end of the composition expert's
   last call (the detail expert's first step plus the host work of switching experts).
+- ``--memory low``: engines are opened during each call; their load seconds
+  (``GenerationResult.timings["load"]``) are reported as their own stage, left out of the
+  host overhead, and the step at the switch starts when the detail expert has loaded.
 - Peak host memory: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the process's high-water
   mark, imports included); before-load value given beside it.
 - Fits: least squares over the p50 end to end of a few step counts and sizes.
@@ -28,9 +31,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from artrt.errors import ArtrtError, InputError
-from artrt.runtime.arguments import check_backend, check_steps
+from artrt.runtime.arguments import GenerationArguments, check_backend, check_latent_limit, check_side
+from artrt.runtime.checks import MAX_STEPS, check_int
 
-from .bench_report import busy_cpu_seconds, fit_line, format_table, machine_info, other_cores, summarize, write_json
+from .bench_report import (
+    busy_cpu_seconds,
+    check_json_path,
+    fit_line,
+    format_table,
+    machine_info,
+    other_cores,
+    summarize,
+    write_json,
+)
 from .options import add_lora_option, add_memory_options, check_memory_options, parse_loras
 
 log = logging.getLogger("artrt.runtime.cli.bench")  # also when run as __main__
@@ -57,18 +70,21 @@ class BenchConfig:
 
 
 class EngineTimer:
-    """Records ``(component, start, end)`` of every backend call of ``engines``.
+    """Records ``(component, start, end)`` of every backend call of ``engines``, and
+    ``(component, time)`` of every engine opened (loaded) meanwhile.
 
     Wraps the instances' ``_run`` and ``_run_bound`` (shadowing the class methods);
     :meth:`restore` removes the wrappers."""
 
     def __init__(self, pipe: Any) -> None:
         self.calls: list[tuple[str, float, float]] = []
+        self.opened: list[tuple[str, float]] = []
         self._patched: list[tuple[Any, str]] = []
         pipe.watch_engines(self.add)
 
     def add(self, name: str, engine: Any) -> None:
-        """Time ``engine`` (component ``name``) from now on."""
+        """Time ``engine`` (component ``name``, just opened) from now on."""
+        self.opened.append((name, time.perf_counter()))
         for attr in ("_run", "_run_bound"):
             setattr(engine, attr, self._wrap(name, getattr(engine, attr)))
             self._patched.append((engine, attr))
@@ -91,6 +107,12 @@ class EngineTimer:
         self.calls.clear()
         return taken
 
+    def take_opened(self) -> list[tuple[str, float]]:
+        """The engines opened since the last ``take_opened`` (and forget them)."""
+        taken = list(self.opened)
+        self.opened.clear()
+        return taken
+
     def restore(self) -> None:
         for engine, attr in self._patched:
             vars(engine).pop(attr, None)
@@ -100,37 +122,46 @@ class EngineTimer:
 def generate_once(pipe: Any, timer: EngineTimer, steps: int, height: int, width: int, batch: int) -> dict[str, Any]:
     """One timed generation: wall seconds, the pipeline's stage timings and the engine calls."""
     timer.take()
+    timer.take_opened()
     started = time.perf_counter()
     result = pipe.generate(PROMPT, steps=steps, height=height, width=width, num_images=batch, seed=0)
     e2e = time.perf_counter() - started
-    return {"e2e": e2e, "timings": dict(result.timings), "calls": timer.take()}
+    return {"e2e": e2e, "timings": dict(result.timings), "calls": timer.take(), "opened": timer.take_opened()}
 
 
 def stage_values(sample: Mapping[str, Any], experts: Sequence[tuple[str, str]]) -> dict[str, float]:
-    """Seconds per stage of one generation; ``experts`` is ``[(expert name, component)]`` in order."""
+    """Seconds per stage of one generation; ``experts`` is ``[(expert name, component)]`` in order.
+    Engine loads (``load``, low memory only) are not host overhead."""
     values = {k: v for k, v in sample["timings"].items() if k != "total"}
     calls = sample["calls"]
     for name, component in experts:
         count = sum(1 for c in calls if c[0] == component)
         if count and f"expert:{name}" in values:
             values[f"step:{name}"] = values[f"expert:{name}"] / count
-    switch = switch_step(calls, [component for _, component in experts])
+    switch = switch_step(calls, [component for _, component in experts], sample.get("opened", ()))
     if switch is not None:
         values["switch_step"] = switch
     values["e2e"] = sample["e2e"]
     values["floor"] = sum(end - start for _, start, end in calls)
-    values["host_overhead"] = values["e2e"] - values["floor"]
+    values["host_overhead"] = values["e2e"] - values["floor"] - values.get("load", 0.0)
     values["host_overhead_pct"] = 100.0 * values["host_overhead"] / values["e2e"]
     return values
 
 
-def switch_step(calls: Sequence[tuple[str, float, float]], components: Sequence[str]) -> float | None:
-    """End of the second expert's first call minus end of the call before it (None without a switch)."""
+def switch_step(calls: Sequence[tuple[str, float, float]], components: Sequence[str],
+                opened: Sequence[tuple[str, float]] = ()) -> float | None:
+    """End of the second expert's first call minus end of the call before it (None without a switch),
+    or minus the moment the second expert finished loading when it was opened in between (``opened``:
+    ``(component, time)`` of engines opened, with ``memory="low"``)."""
     if len(components) < 2:
         return None
-    for i, (name, _, end) in enumerate(calls):
+    for i, (name, start, end) in enumerate(calls):
         if name == components[1]:
-            return end - calls[i - 1][2] if i > 0 and calls[i - 1][0] == components[0] else None
+            if i == 0 or calls[i - 1][0] != components[0]:
+                return None
+            before = calls[i - 1][2]
+            loaded = [t for c, t in opened if c == name and before <= t <= start]
+            return end - max([before, *loaded])
     return None
 
 
@@ -138,7 +169,8 @@ def collect(samples: Sequence[Mapping[str, Any]], experts: Sequence[tuple[str, s
     """p50/p90 of every stage over ``samples``, in a readable order."""
     per_run = [stage_values(s, experts) for s in samples]
     names = list(dict.fromkeys(k for values in per_run for k in values))
-    order = {"tokenize": 0, "decode": 3, "e2e": 4, "floor": 5, "host_overhead": 6, "host_overhead_pct": 7}
+    order = {"tokenize": 0, "decode": 3, "load": 3.5, "e2e": 4, "floor": 5, "host_overhead": 6,
+             "host_overhead_pct": 7}
     names.sort(key=lambda k: order.get(k, 2 if k.startswith(("expert:", "step:", "switch")) else 1))
     return {k: summarize([v[k] for v in per_run if k in v]) for k in names}
 
@@ -187,14 +219,35 @@ def device_used_mib() -> float | None:
     return None if int(err) != 0 else (total - free) / 2**20
 
 
+def check_config(cfg: BenchConfig) -> tuple[int, int]:
+    """Check every option against the package, before anything loads; returns (height, width)."""
+    from artrt.runtime.package import read_manifest
+
+    check_int("--steps", cfg.steps, 1, MAX_STEPS)
+    check_backend(cfg.backend)
+    if cfg.runs < 1 or cfg.warmup < 0 or not cfg.batches or any(b < 1 for b in cfg.batches):
+        raise InputError("--runs and --batch must be >= 1 and --warmup >= 0")
+    if cfg.fit:
+        check_int("--fit-runs", cfg.fit_runs, 1)
+    m = read_manifest(cfg.model, verify_hashes=False)
+    h, w = cfg.height or m.defaults.height, cfg.width or m.defaults.width
+    try:
+        check_side("height", h, m.size_multiple)
+        check_side("width", w, m.size_multiple)
+        check_latent_limit(m, h, w)
+    except InputError as exc:
+        raise InputError(f"--size {w}x{h}: {exc}") from None
+    device = "cpu" if cfg.backend in ("auto", "ort-cpu") else "cuda"  # auto: as if on the CPU, as generate
+    GenerationArguments.check(m, PROMPT, steps=cfg.steps, seed=0, height=h, width=w,
+                              num_images=max(cfg.batches)).check_memory(m, device)
+    return h, w
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Measure everything ``artrt bench`` reports and return it as a JSON-ready dict."""
     from artrt.runtime.pipeline import Pipeline
 
-    check_steps(cfg.steps)
-    check_backend(cfg.backend)
-    if cfg.runs < 1 or cfg.warmup < 0 or any(b < 1 for b in cfg.batches):
-        raise InputError("--runs and --batch must be >= 1 and --warmup >= 0")
+    h, w = check_config(cfg)
     before, cpu = peak_rss_mib(), busy_cpu_seconds()
     started = time.perf_counter()
     pipe = Pipeline.load(cfg.model, backend=cfg.backend, threads=cfg.threads, verify_hashes=cfg.verify,
@@ -202,8 +255,6 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     load_s = time.perf_counter() - started
     timer = EngineTimer(pipe)
     try:
-        d = pipe.manifest.defaults
-        h, w = cfg.height or d.height, cfg.width or d.width
         log.info("cold start: first image")
         generate_once(pipe, timer, cfg.steps, h, w, 1)
         cold = {"load_s": load_s, "first_image_s": time.perf_counter() - started}
@@ -238,7 +289,10 @@ METHOD = {
     "engine_floor": "sum of time inside each engine's backend call (_run/_run_bound wrapped in the harness); "
     "on CUDA backends that is enqueue time",
     "per_step": "expert stage seconds / number of that expert's engine calls",
-    "switch_step": "end of the detail expert's first call - end of the composition expert's last call",
+    "switch_step": "end of the detail expert's first call - end of the composition expert's last call "
+    "(--memory low: - end of the detail expert's load, when later)",
+    "load": "--memory low: GenerationResult.timings['load'], engines opened during the call; "
+    "not counted in host overhead (= end to end - floor - load)",
     "memory": "resource.getrusage(RUSAGE_SELF).ru_maxrss, whole process",
     "percentiles": "linear interpolation (numpy default) over the timed runs, after warm-up",
 }
@@ -287,10 +341,12 @@ def run(args: argparse.Namespace) -> None:
     cfg = BenchConfig(args.model, args.backend, args.steps, height, width, tuple(args.batch), args.runs, args.warmup,
                       args.threads, not args.no_fit, args.fit_runs, not args.no_verify, args.memory, args.vae_tiles,
                       tuple(args.lora))
-    report = run_bench(cfg)
     if args.json:
+        check_json_path(args.json)  # before the benchmark, which takes minutes
+    report = run_bench(cfg)
+    print(format_table(report), flush=True)
+    if args.json:  # after the table, so a late failure (disk full, folder removed) loses no results
         log.info("wrote %s", write_json(report, args.json))
-    print(format_table(report))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

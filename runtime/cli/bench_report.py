@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from artrt.errors import InputError, OutputError
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0..100) with linear interpolation between order statistics
@@ -97,9 +99,27 @@ def other_cores(before: tuple[float, float] | None, after: tuple[float, float] |
     return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / seconds)
 
 
-def write_json(report: Mapping[str, Any], path: str | Path) -> Path:
+def check_json_path(path: str | Path) -> Path:
+    """Refuse a ``--json`` path that cannot be written, before any benchmark runs."""
     path = Path(path)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    parent = path.parent
+    if path.is_dir():
+        raise InputError(f"--json {path} is a directory; give a file name, e.g. {path / 'bench.json'}")
+    if not parent.is_dir():
+        raise InputError(f"cannot write --json {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"cannot write --json {path}: {path if path.exists() else f'directory {parent}'} "
+                         "is not writable")
+    return path
+
+
+def write_json(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Write the report; a failure is one :class:`OutputError` line."""
+    path = Path(path)
+    try:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        raise OutputError(f"cannot write --json {path}: {exc.strerror or exc}") from None
     return path
 
 
@@ -123,8 +143,9 @@ def _stage_label(name: str, report: Mapping[str, Any]) -> str:
         return f"  per step {expert} (x{report['steps_per_expert'].get(expert, 0)})"
     if name.startswith("expert:"):
         return f"expert {name.split(':', 1)[1]} (all steps)"
-    return {"switch_step": "  step at the switch", "e2e": "end to end", "floor": "engine floor",
-            "host_overhead": "host overhead"}.get(name, name)
+    switch = "  step at the switch" + (" (after load)" if "load" in report["stages"] else "")
+    return {"switch_step": switch, "e2e": "end to end", "floor": "engine floor", "host_overhead": "host overhead",
+            "load": "engine loads (low memory)"}.get(name, name)
 
 
 def _fit_line_text(fit: Mapping[str, Any] | None, unit: str, scale: float, label: str) -> str:

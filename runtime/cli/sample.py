@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from artrt.errors import InputError
 
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> None:
         raise InputError("--actors only applies with --ray")
     if args.seed < 0 or args.batch < 1 or (args.actors is not None and args.actors < 1):
         raise InputError("--seed must be >= 0, --batch and --actors >= 1")
+    check_options(args)
     options = SampleOptions(
         negative_prompt=args.negative_prompt, steps=args.steps,
         guidance=tuple(args.guidance) if args.guidance else None, switch=args.switch, sampler=args.sampler,
@@ -62,3 +65,38 @@ def run(args: argparse.Namespace) -> None:
         backend=args.backend, threads=args.threads, verify=not args.no_verify, ray=args.ray, actors=args.actors,
         memory=args.memory, vae_tile=args.vae_tiles, loras=tuple(parse_loras(args.lora)),
     ))
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The values every item starts from, checked against the package and named as their flags,
+    before the prompt file is read (a bad option is one line, not a bad line per item)."""
+    from artrt.runtime.arguments import check_frames, check_guidance, check_latent_limit, check_side, parse_sampler
+    from artrt.runtime.checks import MAX_STEPS, check_float, check_int
+    from artrt.runtime.package import read_manifest
+    from artrt.runtime.sampling.tasks import MAX_ITEM_IMAGES
+
+    m = read_manifest(args.model, verify_hashes=False)
+    if args.steps is not None:
+        check_int("--steps", args.steps, 1, MAX_STEPS)
+    check_int("--num-images", args.num_images, 1, MAX_ITEM_IMAGES)
+    if args.sampler is not None:
+        _as_flag("--sampler", "sampler", parse_sampler, m.family, args.sampler)
+    if args.guidance:
+        _as_flag("--guidance", "guidance", check_guidance, tuple(args.guidance), len(m.experts))
+    if args.switch is not None:
+        check_float("--switch", args.switch, 0.0, 1.0)
+    height, width = args.height or m.defaults.height, args.width or m.defaults.width
+    if args.height is not None:
+        height = check_side("--height", args.height, m.size_multiple)
+    if args.width is not None:
+        width = check_side("--width", args.width, m.size_multiple)
+    frames = _as_flag("--frames", "num_frames", check_frames, args.frames, m)
+    check_latent_limit(m, height, width, frames)
+
+
+def _as_flag(flag: str, name: str, check: Callable[..., Any], *values: Any) -> Any:
+    """``check(*values)``, its error naming ``flag`` where it says ``name``."""
+    try:
+        return check(*values)
+    except InputError as exc:
+        raise InputError(str(exc).replace(name, flag, 1)) from None

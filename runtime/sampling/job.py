@@ -54,6 +54,10 @@ class Counts:
 def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     """Run the job and return what ``run.json`` says about it; :class:`InputError` if images failed."""
     started = time.monotonic()
+    if cfg.ray is not None:
+        from .ray_pool import check_ray
+
+        check_ray()  # before OUT is made
     check_backend(cfg.backend)
     manifest = read_manifest(cfg.model, verify_hashes=cfg.verify)
     tasks, bad, items = _plan(cfg, manifest)

@@ -20,6 +20,15 @@ from artrt.errors import ArtrtError, EngineError, InputError
 from .tasks import ImageResult, ImageTask, SampleConfig, describe_device, make_batch
 
 log = logging.getLogger(__name__)
+RAY_MISSING = "--ray needs the 'ray' extra (pip install 'artrt[ray]')"
+
+
+def check_ray() -> None:
+    """Refuse ``--ray`` without Ray installed (one :class:`InputError` line), before any work."""
+    try:
+        import ray  # noqa: F401  (a fraction of a second; the run imports it anyway)
+    except ImportError:
+        raise InputError(RAY_MISSING) from None
 
 
 class BatchMaker:
@@ -62,9 +71,9 @@ def ray_results(cfg: SampleConfig, batches: Sequence[list[ImageTask]], info: dic
     """Make ``batches`` on Ray and yield the images as they arrive (in any order)."""
     if not batches:
         return
+    started_here = _connect(cfg.ray)  # one line, not a traceback, if Ray is missing
     import ray
 
-    started_here = _connect(cfg.ray)
     try:
         yield from _run(cfg, batches, info)
     finally:
@@ -77,7 +86,7 @@ def _connect(address: str | None) -> bool:
     try:
         import ray
     except ImportError:
-        raise InputError("--ray needs the 'ray' extra (pip install 'artrt[ray]')") from None
+        raise InputError(RAY_MISSING) from None
     if ray.is_initialized():
         return False
     try:
