@@ -103,10 +103,17 @@ def available_memory() -> int | None:
         return None
 
 
+def _short(need: int, available: int | None) -> int | None:
+    """The memory left (``available``, else :func:`available_memory`) when ``need`` does not fit in
+    :data:`HEADROOM` of it; None when it fits or the memory left is unknown."""
+    available = available_memory() if available is None else available
+    return None if available is None or need <= HEADROOM * available else available
+
+
 def check_fits(cost: RequestCost, what: str, available: int | None = None) -> None:
     """Raise :class:`InputError` when ``cost`` exceeds the memory this machine has left."""
-    available = available_memory() if available is None else available
-    if available is None or cost.total <= HEADROOM * available:
+    available = _short(cost.total, available)
+    if available is None:
         return
     raise InputError(
         f"{what} needs about {cost.total / GIB:.1f} GiB of memory (engines {cost.activations / GIB:.1f}, "
@@ -135,8 +142,8 @@ def check_load_fits(root: Path, manifest: Manifest, backend: str, memory: str, a
     extra = lora_bytes or {}
     sizes = {name: weight_bytes(manifest, name) + extra.get(name, 0) for name in manifest.components}
     need = sum(sizes.values()) if memory == "default" else max(sizes.values(), default=0)
-    available = available_memory() if available is None else available
-    if available is None or need <= HEADROOM * available:
+    available = _short(need, available)
+    if available is None:
         return
     hint = ("; try --memory low (one component resident at a time, about "
             f"{max(sizes.values()) / GIB:.1f} GiB)" if memory == "default" else "")
@@ -149,8 +156,8 @@ def check_lora_swap_fits(lora_bytes: Mapping[str, int], available: int | None = 
     """Refuse a LoRA swap whose largest component's new weights (computed one component at a
     time, beside the weights in use) cannot fit in the memory left."""
     need = max(lora_bytes.values(), default=0)
-    available = available_memory() if available is None else available
-    if available is None or need <= HEADROOM * available:
+    available = _short(need, available)
+    if available is None:
         return
     raise InputError(f"these LoRAs replace about {need / GIB:.1f} GiB of one component's weights, computed beside "
                      f"the weights in use; {available / GIB:.1f} GiB is available")

@@ -553,14 +553,17 @@ def _prepare_loras(root: Path, manifest: Manifest, backend: str, files: Mapping[
     return prepare_loras(root, manifest, loras, files, precisions)
 
 
+_GENERATE_ARGUMENTS = tuple(p for p in inspect.signature(Pipeline.generate).parameters if p != "self")
+
+
 def _request_arguments(index: int, request: Any) -> Mapping[str, Any]:
     """One request of :meth:`Pipeline.generate_many`: a mapping of :meth:`Pipeline.generate`'s arguments."""
     if not isinstance(request, Mapping):
         raise InputError(f"request {index}: a dict of generate()'s arguments is expected, got {type(request).__name__}")
-    known = [p for p in inspect.signature(Pipeline.generate).parameters if p != "self"]
-    unknown = [k for k in request if k not in known]
+    unknown = [k for k in request if k not in _GENERATE_ARGUMENTS]
     if unknown:
-        raise InputError(f"request {index}: unknown argument {unknown[0]!r} (generate takes {', '.join(known)})")
+        raise InputError(f"request {index}: unknown argument {unknown[0]!r} "
+                         f"(generate takes {', '.join(_GENERATE_ARGUMENTS)})")
     if "prompt" not in request:
         raise InputError(f"request {index}: prompt is required")
     return request

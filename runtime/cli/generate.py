@@ -6,12 +6,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from artrt.errors import InputError
-
 from .options import (
     add_lora_option,
     add_runtime_options,
     add_sampling_options,
+    as_flag,
     check_memory_options,
     check_output,
     parse_loras,
@@ -50,10 +49,8 @@ def run(args: argparse.Namespace) -> None:
 
     manifest = read_manifest(args.model, verify_hashes=False)  # every argument checked before any engine loads
     check_int("--num-images", args.num_images, 1)
-    try:  # what the package makes decides the output's suffix, so it is checked first
-        video = check_frames(args.frames, manifest) != 1
-    except InputError as exc:  # named as the flag, not as Pipeline.generate's argument
-        raise InputError(str(exc).replace("num_frames", "--frames")) from None
+    # what the package makes decides the output's suffix, so it is checked first
+    video = as_flag("--frames", "num_frames", check_frames, args.frames, manifest) != 1
     args.output = args.output or Path("out.webp" if video else "out.png")
     check_output(args.output, video)
     check_memory_options(args)

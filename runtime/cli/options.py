@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from artrt.errors import InputError
 
@@ -96,3 +98,11 @@ def configure_logging(quiet: bool = False) -> None:
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+
+
+def as_flag(flag: str, name: str, check: Callable[..., Any], *values: Any) -> Any:
+    """``check(*values)``, its :class:`InputError` naming the option ``flag`` where it says ``name``."""
+    try:
+        return check(*values)
+    except InputError as exc:
+        raise InputError(str(exc).replace(name, flag, 1)) from None

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from artrt.errors import InputError
 
-from .options import add_lora_option, add_runtime_options, add_sampling_options, parse_loras
+from .options import add_lora_option, add_runtime_options, add_sampling_options, as_flag, parse_loras
 
 log = logging.getLogger("artrt")
 
@@ -80,9 +78,9 @@ def check_options(args: argparse.Namespace) -> None:
         check_int("--steps", args.steps, 1, MAX_STEPS)
     check_int("--num-images", args.num_images, 1, MAX_ITEM_IMAGES)
     if args.sampler is not None:
-        _as_flag("--sampler", "sampler", parse_sampler, m.family, args.sampler)
+        as_flag("--sampler", "sampler", parse_sampler, m.family, args.sampler)
     if args.guidance:
-        _as_flag("--guidance", "guidance", check_guidance, tuple(args.guidance), len(m.experts))
+        as_flag("--guidance", "guidance", check_guidance, tuple(args.guidance), len(m.experts))
     if args.switch is not None:
         check_float("--switch", args.switch, 0.0, 1.0)
     height, width = args.height or m.defaults.height, args.width or m.defaults.width
@@ -90,13 +88,6 @@ def check_options(args: argparse.Namespace) -> None:
         height = check_side("--height", args.height, m.size_multiple)
     if args.width is not None:
         width = check_side("--width", args.width, m.size_multiple)
-    frames = _as_flag("--frames", "num_frames", check_frames, args.frames, m)
+    frames = as_flag("--frames", "num_frames", check_frames, args.frames, m)
     check_latent_limit(m, height, width, frames)
 
-
-def _as_flag(flag: str, name: str, check: Callable[..., Any], *values: Any) -> Any:
-    """``check(*values)``, its error naming ``flag`` where it says ``name``."""
-    try:
-        return check(*values)
-    except InputError as exc:
-        raise InputError(str(exc).replace(name, flag, 1)) from None
